@@ -1,0 +1,1 @@
+"""Renyi DP accounting (numpy/scipy only; never imports torch). Installed as ``dpengine.accounting``."""

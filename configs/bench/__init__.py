@@ -1,0 +1,1 @@
+"""Default configs for ``dpengine train`` and ``dpengine bench`` (installed as ``dpengine.configs``)."""
