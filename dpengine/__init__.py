@@ -1,0 +1,29 @@
+"""dpengine: differentially private training for PyTorch.
+
+Heavy imports (torch) are lazy, so ``dpengine budget`` and ``import dpengine.accounting`` stay fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "PrivacyEngine": "dpengine.engine",
+    "DPOptimizer": "dpengine.optimizer",
+    "VirtualSteps": "dpengine.data",
+    "DPDataLoader": "dpengine.data",
+    "validate": "dpengine.validate",
+    "fix": "dpengine.validate",
+    "UnsupportedModuleError": "dpengine.validate",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'dpengine' has no attribute {name!r}")

@@ -1,0 +1,195 @@
+"""``PrivacyEngine``: the only place that combines sampler, grad-sample backend, clipping, noise and accountant."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader
+
+from . import accounting
+from ._validate import non_negative, one_of
+from .clipping import make_policy
+from .data import DPDataLoader
+from .grad_sample.controller import GradSampleController, GradSampleMode, LossReduction
+from .noise import GaussianNoise
+from .optimizer import DPOptimizer
+from .validate import UnsupportedModuleError, validate
+
+
+class PrivacyEngine:
+    """Turns a model, optimizer and data loader into their differentially private counterparts.
+
+    Args:
+        accountant: name of the accountant in ``dpengine.accounting`` ("rdp" or "pld").
+        secure_mode: seed noise and sampling from the OS CSPRNG, and harden noise sampling against
+            floating-point attacks. Use it for real deployments; leave it off for reproducible research.
+        seed: seed for noise and sampling (ignored in secure mode).
+
+    Example::
+
+        engine = PrivacyEngine()
+        model, optimizer, loader = engine.make_private(module=model, optimizer=optimizer,
+            data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0)
+        for x, y in loader:
+            optimizer.zero_grad(); loss_fn(model(x), y).backward(); optimizer.step()
+        engine.get_epsilon(delta=1e-5)
+    """
+
+    def __init__(self, accountant: str = "rdp", secure_mode: bool = False, seed: int | None = None) -> None:
+        self.accountant_name = accountant
+        self.accountant = accounting.create_accountant(accountant)
+        self.secure_mode = secure_mode
+        self.noise = GaussianNoise(seed=seed, secure_mode=secure_mode)
+        self._sampling_seed = None if (secure_mode or seed is None) else int(seed) + 1
+        self.controller: GradSampleController | None = None
+        self.optimizer: DPOptimizer | None = None
+
+    # ------------------------------------------------------------------------------------------ setup
+    def make_private(
+        self,
+        *,
+        module: nn.Module,
+        optimizer: Optimizer,
+        data_loader: DataLoader,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        clipping: str = "flat",
+        grad_sample_mode: str = "bk",
+        poisson_sampling: bool = True,
+        loss_reduction: str = "mean",
+    ) -> tuple[nn.Module, DPOptimizer, DataLoader]:
+        """Attach per-sample clipping, noise and accounting. Always returns ``(module, optimizer, data_loader)``.
+
+        The returned module is the same object (with capture hooks): same outputs, same ``state_dict``.
+
+        Args:
+            module: the model; every trainable layer must have a handler (see ``dpengine.validate``).
+            optimizer: any torch optimizer over the model's trainable parameters.
+            data_loader: the training loader; with ``poisson_sampling`` it is replaced by a loader that
+                includes each example independently with probability q = 1 / len(data_loader).
+            noise_multiplier: sigma; Gaussian noise of std sigma * max_grad_norm is added to the clipped sum.
+            max_grad_norm: C, the per-sample clipping threshold.
+            clipping: clipping policy ("flat").
+            grad_sample_mode: "hooks" (materialized reference), "ghost" (Gram norms) or "bk" (book-keeping).
+            poisson_sampling: replace the loader's sampling by Poisson sampling (what the accountant assumes).
+            loss_reduction: "mean" or "sum", how the loss reduces over the batch.
+
+        Raises:
+            UnsupportedModuleError: listing every layer that cannot be trained privately, with the fix.
+        """
+        non_negative(noise_multiplier=noise_multiplier)
+        one_of([m.value for m in GradSampleMode], grad_sample_mode=grad_sample_mode)
+        one_of([r.value for r in LossReduction], loss_reduction=loss_reduction)
+        if self.controller is not None:
+            raise RuntimeError("This PrivacyEngine is already attached to a model; use one engine per model.")
+        problems = validate(module)
+        if problems:
+            raise UnsupportedModuleError(problems)
+        self._check_optimizer(module, optimizer)
+        policy = make_policy(clipping, max_grad_norm)
+
+        n = len(data_loader.dataset)  # type: ignore[arg-type]
+        if poisson_sampling:
+            gen = None
+            if self._sampling_seed is not None:
+                gen = torch.Generator()
+                gen.manual_seed(self._sampling_seed)
+            data_loader = DPDataLoader.from_data_loader(data_loader, generator=gen)
+            sample_rate, expected_batch_size = data_loader.sample_rate, data_loader.expected_batch_size
+        else:
+            if data_loader.batch_size is None:
+                raise ValueError("poisson_sampling=False needs a loader with a fixed batch_size.")
+            warnings.warn("poisson_sampling=False: the accountant assumes Poisson sampling, which shuffled "
+                          "fixed-size batches do not provide; the reported epsilon is not a proven guarantee "
+                          "for this loader.", stacklevel=2)
+            expected_batch_size = float(data_loader.batch_size)
+            sample_rate = expected_batch_size / n
+
+        self.controller = GradSampleController(
+            module, mode=GradSampleMode(grad_sample_mode), clip_factors=policy.factors,
+            loss_reduction=LossReduction(loss_reduction))
+        self.optimizer = DPOptimizer(
+            optimizer, controller=self.controller, noise_multiplier=noise_multiplier,
+            sensitivity=policy.sensitivity, expected_batch_size=expected_batch_size, sample_rate=sample_rate,
+            loss_reduction=LossReduction(loss_reduction), noise=self.noise, accountant=self.accountant)
+        return module, self.optimizer, data_loader
+
+    def make_private_with_epsilon(
+        self,
+        *,
+        module: nn.Module,
+        optimizer: Optimizer,
+        data_loader: DataLoader,
+        target_epsilon: float,
+        target_delta: float,
+        epochs: int,
+        max_grad_norm: float,
+        poisson_sampling: bool = True,
+        **kwargs: Any,
+    ) -> tuple[nn.Module, DPOptimizer, DataLoader]:
+        """Like ``make_private`` with the smallest noise multiplier that keeps epsilon <= target after
+        ``epochs`` epochs (``epochs * len(data_loader)`` steps). Calibration is conservative."""
+        steps = int(epochs) * len(data_loader)
+        if poisson_sampling:
+            sample_rate = 1.0 / len(data_loader)
+        else:
+            sample_rate = data_loader.batch_size / len(data_loader.dataset)  # type: ignore[arg-type,operator]
+        sigma = accounting.get_noise_multiplier(
+            target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=sample_rate, steps=steps,
+            accountant=self.accountant_name)
+        return self.make_private(module=module, optimizer=optimizer, data_loader=data_loader,
+                                 noise_multiplier=sigma, max_grad_norm=max_grad_norm,
+                                 poisson_sampling=poisson_sampling, **kwargs)
+
+    @staticmethod
+    def _check_optimizer(module: nn.Module, optimizer: Optimizer) -> None:
+        trainable = {id(p) for p in module.parameters() if p.requires_grad}
+        frozen = {id(p) for p in module.parameters() if not p.requires_grad}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if id(p) in trainable or id(p) in frozen:
+                    continue
+                raise ValueError("The optimizer holds a parameter that is not in the module; make_private can "
+                                 "only privatize gradients of the module it is given.")
+
+    # ------------------------------------------------------------------------------------------ privacy
+    def get_epsilon(self, delta: float) -> float:
+        """Epsilon spent so far at this delta (0 before the first step)."""
+        return float(self.accountant.get_epsilon(delta=delta))
+
+    # ------------------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Accountant history and noise generator state (save it with the model and optimizer)."""
+        return {"accountant": self.accountant.state_dict(), "noise": self.noise.state_dict(),
+                "steps_taken": self.optimizer.steps_taken if self.optimizer else 0}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.accountant.load_state_dict(state["accountant"])
+        self.noise.load_state_dict(state["noise"])
+        if self.optimizer is not None:
+            self.optimizer.steps_taken = int(state.get("steps_taken", 0))
+
+    def save_checkpoint(self, path: str, *, module: nn.Module, optimizer: Optimizer | None = None, **extra: Any) -> None:
+        """One file with model, optimizer and privacy state; ``dpengine budget --from-checkpoint`` reads it."""
+        ckpt = {"model": module.state_dict(), "accountant": self.accountant.state_dict(), "engine": self.state_dict(), **extra}
+        if optimizer is not None:
+            ckpt["optimizer"] = optimizer.state_dict()
+        torch.save(ckpt, path)
+
+    def load_checkpoint(self, path: str, *, module: nn.Module, optimizer: Optimizer | None = None) -> dict[str, Any]:
+        ckpt = torch.load(path, weights_only=False)
+        module.load_state_dict(ckpt["model"])
+        if optimizer is not None and "optimizer" in ckpt:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        self.load_state_dict(ckpt["engine"])
+        return ckpt
+
+    def detach(self) -> None:
+        """Remove capture hooks from the model (it trains non-privately afterwards)."""
+        if self.controller is not None:
+            self.controller.detach()
+            self.controller = None

@@ -1,0 +1,285 @@
+"""Capture of (a, g) in the ordinary backward, and the per-batch reduction to clipped sums.
+
+How it works (one backward, no second pass, no loss wrapper):
+
+* A forward pre-hook on every layer with trainable parameters swaps those parameters for detached
+  aliases while the layer runs, so autograd never computes their ordinary (non-private) gradient:
+  that weight-gradient GEMM is exactly the work that book-keeping replaces.
+* A forward hook restores the parameters and passes the output through ``_Tap``, an autograd function
+  that tags the output in place (``mark_dirty``: no copy, and in-place activations downstream still
+  work) and, in the backward, receives the output gradient ``g`` for that call.
+* The first tap reached in a backward queues a callback that runs when the backward ends. It computes
+  per-sample norms for every parameter (materialized, Gram/"ghost", or per-layer by cost), asks the
+  clipping policy for factors, and accumulates each layer's clipped sum ``sum_i c_i grad_i`` into an
+  engine-owned buffer, then frees the captured tensors. The optimizer later adds noise once.
+
+Because each backward is reduced on its own, gradient accumulation over physical batches (virtual
+steps) is exact in every mode. State lives here, keyed by layer, never on the user's modules.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from .functorch import FALLBACK
+from .registry import LayerHandler, NormMethod, Record, direct_trainable, find_handler, weighted_sum
+
+
+class GradSampleMode(enum.Enum):
+    """How per-sample norms and clipped sums are computed (the *what* is the clipping policy's)."""
+
+    HOOKS = "hooks"  # materialize every per-sample gradient (reference path)
+    GHOST = "ghost"  # Gram-form norms wherever a handler has one (least memory); weighted-GEMM sums
+    BK = "bk"  # book-keeping: per layer, Gram or materialized norm by cost; weighted-GEMM sums
+
+
+class LossReduction(enum.Enum):
+    MEAN = "mean"
+    SUM = "sum"
+
+
+@dataclass(eq=False)
+class TrackedLayer:
+    name: str
+    module: nn.Module
+    handler: LayerHandler
+    names: list[str]  # trainable parameter names local to the module
+    params: list[nn.Parameter]
+
+
+class PerSampleGradientError(RuntimeError):
+    """Raised when per-sample gradients cannot be formed correctly for a batch."""
+
+
+_state = threading.local()
+
+
+def _capture_on() -> bool:
+    return not getattr(_state, "suspended", False)
+
+
+class _suspend_capture:
+    """Layers run inside (e.g. the torch.func fallback re-running a layer) are not captured."""
+
+    def __enter__(self) -> None:
+        self.prev = getattr(_state, "suspended", False)
+        _state.suspended = True
+
+    def __exit__(self, *exc: Any) -> None:
+        _state.suspended = self.prev
+
+
+class _Tap(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, anchor: Tensor, out: Tensor, on_grad: Callable[[Tensor], None], copy: bool) -> Tensor:
+        ctx.on_grad = on_grad
+        if copy:
+            return out.clone()
+        ctx.mark_dirty(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[None, Tensor, None, None]:
+        ctx.on_grad(g)
+        return None, g, None, None
+
+
+class GradSampleController:
+    """Drives the per-layer handlers for one module; owns the captured tensors and the clipped sums."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        *,
+        mode: GradSampleMode,
+        clip_factors: Callable[[Tensor], Tensor],
+        loss_reduction: LossReduction,
+    ) -> None:
+        self.module = module
+        self.mode = mode
+        self.clip_factors = clip_factors
+        self.loss_reduction = loss_reduction
+        self.layers: list[TrackedLayer] = []
+        for name, layer in module.named_modules():
+            trainable = direct_trainable(layer)
+            if not trainable:
+                continue
+            handler = find_handler(layer) or FALLBACK
+            self.layers.append(TrackedLayer(name, layer, handler, [n for n, _ in trainable], [p for _, p in trainable]))
+        self.params: list[nn.Parameter] = list({id(p): p for tl in self.layers for p in tl.params}.values())
+        self._anchor = torch.zeros((), requires_grad=True)
+        self._pending: list[tuple[TrackedLayer, Record]] = []
+        self._queued_for: int | None = None
+        self._summed: dict[nn.Parameter, Tensor] = {}
+        self._written: dict[nn.Parameter, Tensor] = {}
+        self._method_cache: dict[tuple[int, tuple[int, ...]], NormMethod] = {}
+        self.batches_accumulated = 0
+        self.last_norms: Tensor | None = None
+        self._swapped: set[int] = set()  # layers whose parameters the pre-hook swapped for this call
+        self._handles = []
+        for tl in self.layers:
+            self._handles.append(tl.module.register_forward_pre_hook(self._make_pre_hook(tl)))
+            self._handles.append(
+                tl.module.register_forward_hook(self._make_hook(tl), with_kwargs=True, always_call=True))
+
+    # ----------------------------------------------------------------------------------- capture
+    def _make_pre_hook(self, tl: TrackedLayer) -> Callable:
+        def pre_hook(layer: nn.Module, args: tuple) -> None:
+            if torch.is_grad_enabled() and _capture_on():
+                self._swapped.add(id(tl))
+                for n, p in zip(tl.names, tl.params):
+                    layer._parameters[n] = p.detach()  # alias: same storage, no autograd edge
+        return pre_hook
+
+    def _make_hook(self, tl: TrackedLayer) -> Callable:
+        def hook(layer: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
+            if id(tl) not in self._swapped:
+                return None
+            self._swapped.discard(id(tl))
+            for n, p in zip(tl.names, tl.params):
+                layer._parameters[n] = p
+            if not isinstance(out, Tensor):
+                raise PerSampleGradientError(
+                    f"layer '{tl.name}' ({type(layer).__name__}) returned {type(out).__name__}; dpengine captures "
+                    "layers with a single tensor output. Register a handler for this layer type.")
+            rec = Record(
+                tuple(x.detach() if isinstance(x, Tensor) else x for x in args),
+                {k: (v.detach() if isinstance(v, Tensor) else v) for k, v in kwargs.items()},
+            )
+
+            def on_grad(g: Tensor) -> None:
+                self._on_grad(tl, rec, g)
+
+            return _Tap.apply(self._anchor, out, on_grad, tl.handler.output_may_be_saved)
+        return hook
+
+    def _on_grad(self, tl: TrackedLayer, rec: Record, g: Tensor) -> None:
+        rec.g = g
+        task = torch._C._current_graph_task_id()
+        if self._queued_for != task:  # first tap of this backward
+            self._pending = []  # drop what an earlier backward that raised left behind
+            self._queued_for = task
+            torch.autograd.Variable._execution_engine.queue_callback(self._reduce_pending)
+        self._pending.append((tl, rec))
+
+    # ----------------------------------------------------------------------------------- reduce
+    def _method(self, tl: TrackedLayer, rec: Record) -> NormMethod:
+        if self.mode is GradSampleMode.GHOST:
+            return NormMethod.GRAM if tl.handler.has_gram else NormMethod.MATERIALIZE
+        key = (id(tl), tuple(rec.g.shape[1:]))
+        if key not in self._method_cache:  # BK: chosen per layer by cost, cached per shape
+            use_gram = tl.handler.has_gram and tl.handler.prefers_gram(tl.module, rec)
+            self._method_cache[key] = NormMethod.GRAM if use_gram else NormMethod.MATERIALIZE
+        return self._method_cache[key]
+
+    def _reduce_pending(self) -> None:
+        pending, self._pending, self._queued_for = self._pending, [], None
+        if not pending:
+            return
+        with torch.no_grad(), _suspend_capture():
+            self._reduce(pending)
+
+    def _reduce(self, pending: list[tuple[TrackedLayer, Record]]) -> None:
+        sizes = {rec.g.shape[0] for _, rec in pending}
+        if len(sizes) != 1:
+            detail = ", ".join(f"{tl.name}: {rec.g.shape[0]}" for tl, rec in pending)
+            raise PerSampleGradientError(
+                "layers saw different batch sizes in one backward, so per-sample gradients are ill-defined "
+                f"({detail}). Every tracked layer must take inputs with the batch as dimension 0.")
+        batch = sizes.pop()
+        self._check_no_leak()
+        if batch == 0:  # an empty Poisson batch: nothing to clip, the step still adds noise
+            ref = pending[0][1].g
+            self.last_norms = ref.new_zeros(0)
+            for tl, _ in pending:
+                for p in tl.params:
+                    self._summed.setdefault(p, torch.zeros_like(p))
+            self.batches_accumulated += 1
+            return
+        # mean reduction: autograd's g is (1/B) * per-sample g; scale norms and factors, not tensors.
+        scale = float(batch) if self.loss_reduction is LossReduction.MEAN else 1.0
+
+        uses: dict[nn.Parameter, int] = {}
+        for tl, _ in pending:
+            for p in tl.params:
+                uses[p] = uses.get(p, 0) + 1
+        materialize_all = self.mode is GradSampleMode.HOOKS
+        ref = pending[0][1].g
+        sq_total = ref.new_zeros(batch, dtype=torch.promote_types(ref.dtype, torch.float32))
+        singles: list[tuple[TrackedLayer, Record, list[str]]] = []
+        shared: dict[nn.Parameter, Tensor] = {}  # summed per-sample gradients of params with several uses
+        for tl, rec in pending:
+            direct = [n for n, p in zip(tl.names, tl.params) if not materialize_all and uses[p] == 1]
+            rest = [(n, p) for n, p in zip(tl.names, tl.params) if materialize_all or uses[p] > 1]
+            if direct:
+                for t in tl.handler.norm_sq(tl.module, rec, direct, self._method(tl, rec)).values():
+                    sq_total += t
+                singles.append((tl, rec, direct))
+            if rest:
+                ps = tl.handler.per_sample(tl.module, rec, [n for n, _ in rest])
+                for n, p in rest:
+                    shared[p] = shared[p] + ps[n] if p in shared else ps[n]
+        for ps in shared.values():
+            sq_total += ps.reshape(batch, -1).pow(2).sum(1)
+
+        norms = sq_total.sqrt() * scale
+        if batch and not bool(torch.isfinite(norms).all()):
+            raise PerSampleGradientError(
+                "non-finite per-sample gradient norm (NaN or inf) in this batch; the update is refused rather "
+                "than clipped silently. Check the loss and inputs (lower the learning rate, or clamp logits).")
+        self.last_norms = norms
+        c = self.clip_factors(norms) * scale  # (B,): factor per sample, times the mean-reduction scale
+
+        for tl, rec, names in singles:
+            for n, t in tl.handler.clipped_sum(tl.module, rec, names, c).items():
+                self._accumulate(tl.params[tl.names.index(n)], t)
+        for p, ps in shared.items():
+            self._accumulate(p, weighted_sum(ps, c))
+        self.batches_accumulated += 1
+
+    def _accumulate(self, p: nn.Parameter, t: Tensor) -> None:
+        t = t.to(p.dtype)
+        if p in self._summed:
+            self._summed[p].add_(t)
+        else:
+            self._summed[p] = t
+
+    def _check_no_leak(self) -> None:
+        for tl in self.layers:
+            for n, p in zip(tl.names, tl.params):
+                if p.grad is not None and p.grad is not self._written.get(p):
+                    raise PerSampleGradientError(
+                        f"parameter '{tl.name}.{n}' received an ordinary (non-private) gradient from autograd: "
+                        "it was used outside its own module's forward (e.g. read directly by a parent module). "
+                        "dpengine cannot form its per-sample gradient. Use the parameter only through its "
+                        "module (wrap it in nn.Linear / nn.Embedding), or freeze it.")
+
+    # ----------------------------------------------------------------------------------- optimizer side
+    def pop_clipped_sums(self) -> dict[nn.Parameter, Tensor]:
+        """The clipped sums accumulated since the last pop (and forget them)."""
+        out, self._summed = self._summed, {}
+        self.batches_accumulated = 0
+        return out
+
+    def mark_written(self, p: nn.Parameter, grad: Tensor) -> None:
+        """Remember the private gradient the optimizer wrote, so it is not mistaken for a leak."""
+        self._written[p] = grad
+
+    def clear(self) -> None:
+        self._summed = {}
+        self._pending = []
+        self.batches_accumulated = 0
+        self._written = {}
+
+    def detach(self) -> None:
+        """Remove every hook; the module is left as it was before ``make_private``."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self.clear()

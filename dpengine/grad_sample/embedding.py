@@ -1,0 +1,60 @@
+"""nn.Embedding: per-sample gradients are sparse (one row per distinct token of the sample)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .registry import LayerHandler, NormMethod, Record, register
+
+
+@register(nn.Embedding)
+class EmbeddingHandler(LayerHandler):
+    has_gram = True
+
+    def problems(self, layer: nn.Module) -> list[str]:
+        out = []
+        if layer.max_norm is not None:
+            out.append("max_norm renormalizes rows in place during the forward; set max_norm=None")
+        if layer.scale_grad_by_freq:
+            out.append("scale_grad_by_freq divides by token counts of the whole batch, which mixes samples; "
+                       "set scale_grad_by_freq=False")
+        if layer.sparse:
+            out.append("sparse gradients are not supported; set sparse=False")
+        return out
+
+    @staticmethod
+    def _ids_g(layer: nn.Embedding, rec: Record) -> tuple[Tensor, Tensor]:
+        ids = rec.a.reshape(rec.a.shape[0], -1)  # (B, T); reshape copies expanded position ids
+        g = rec.g.reshape(ids.shape[0], -1, rec.g.shape[-1])  # (B, T, d)
+        if layer.padding_idx is not None:  # PyTorch gives the padding row zero gradient
+            g = g.masked_fill((ids == layer.padding_idx).unsqueeze(-1), 0)
+        return ids, g
+
+    def per_sample(self, layer: nn.Module, rec: Record, names: list[str]) -> dict[str, Tensor]:
+        ids, g = self._ids_g(layer, rec)
+        b, v, d = ids.shape[0], layer.num_embeddings, g.shape[-1]
+        flat = (ids + torch.arange(b, device=ids.device).unsqueeze(1) * v).reshape(-1)
+        ps = g.new_zeros(b * v, d).index_add_(0, flat, g.reshape(-1, d))
+        return {"weight": ps.view(b, v, d)}
+
+    def prefers_gram(self, layer: nn.Module, rec: Record) -> bool:
+        return False  # the segment sum below is exact, O(B*T*d), and never forms (B, V, d)
+
+    def norm_sq(self, layer: nn.Module, rec: Record, names: list[str], method: NormMethod) -> dict[str, Tensor]:
+        ids, g = self._ids_g(layer, rec)
+        b, d = ids.shape[0], g.shape[-1]
+        if method is NormMethod.GRAM:
+            # sum_{t,s} 1[x_t = x_s] (g_t . g_s): the token-equality Gram form.
+            same = (ids.unsqueeze(2) == ids.unsqueeze(1)).to(g.dtype)  # (B, T, T)
+            return {"weight": (same * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))}
+        # Segment sum: sum over distinct (sample, token) pairs of ||sum_{t: x_t = v} g_t||^2.
+        key = (ids + torch.arange(b, device=ids.device).unsqueeze(1) * layer.num_embeddings).reshape(-1)
+        uniq, inv = torch.unique(key, return_inverse=True)
+        rows = g.new_zeros(uniq.numel(), d).index_add_(0, inv, g.reshape(-1, d))
+        return {"weight": g.new_zeros(b).index_add_(0, uniq // layer.num_embeddings, rows.pow(2).sum(1))}
+
+    def clipped_sum(self, layer: nn.Module, rec: Record, names: list[str], c: Tensor) -> dict[str, Tensor]:
+        ids, g = self._ids_g(layer, rec)
+        gc = (g * c.to(g.dtype).view(-1, 1, 1)).reshape(-1, g.shape[-1])
+        return {"weight": g.new_zeros(layer.num_embeddings, g.shape[-1]).index_add_(0, ids.reshape(-1), gc)}

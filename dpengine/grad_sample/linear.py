@@ -1,0 +1,67 @@
+"""nn.Linear on inputs of any rank, and GPT-2's ``Conv1D`` (a linear layer with a transposed weight)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .registry import LayerHandler, NormMethod, Record, flatten_tokens, gram_norm_sq, register
+
+
+class _LinearLike(LayerHandler):
+    has_gram = True
+    #: True when the weight is stored (in, out) as in GPT-2's Conv1D, False for nn.Linear's (out, in).
+    transposed = False
+
+    def _ag(self, rec: Record) -> tuple[Tensor, Tensor]:
+        return flatten_tokens(rec.a), flatten_tokens(rec.g)  # (B, T, d), (B, T, p)
+
+    def per_sample(self, layer: nn.Module, rec: Record, names: list[str]) -> dict[str, Tensor]:
+        a, g = self._ag(rec)
+        out: dict[str, Tensor] = {}
+        if "weight" in names:
+            eq = "btp,btd->bdp" if self.transposed else "btp,btd->bpd"
+            out["weight"] = torch.einsum(eq, g, a)
+        if "bias" in names:
+            out["bias"] = g.sum(1)
+        return out
+
+    def prefers_gram(self, layer: nn.Module, rec: Record) -> bool:
+        t = rec.a.numel() // max(rec.a.shape[0], 1) // rec.a.shape[-1]
+        p, d = rec.g.shape[-1], rec.a.shape[-1]
+        return 2 * t * t < p * d
+
+    def norm_sq(self, layer: nn.Module, rec: Record, names: list[str], method: NormMethod) -> dict[str, Tensor]:
+        a, g = self._ag(rec)
+        out: dict[str, Tensor] = {}
+        if "weight" in names:
+            if method is NormMethod.GRAM or a.shape[1] == 1:
+                out["weight"] = gram_norm_sq(a, g)
+            else:
+                out["weight"] = torch.einsum("btp,btd->bpd", g, a).pow(2).sum((1, 2))
+        if "bias" in names:
+            out["bias"] = g.sum(1).pow(2).sum(1)
+        return out
+
+    def clipped_sum(self, layer: nn.Module, rec: Record, names: list[str], c: Tensor) -> dict[str, Tensor]:
+        a, g = self._ag(rec)
+        gc = g * c.to(g.dtype).view(-1, 1, 1)  # (B, T, p): book-keeping folds the factors into g
+        out: dict[str, Tensor] = {}
+        if "weight" in names:
+            g2, a2 = gc.reshape(-1, gc.shape[-1]), a.reshape(-1, a.shape[-1])
+            out["weight"] = a2.t() @ g2 if self.transposed else g2.t() @ a2  # one GEMM
+        if "bias" in names:
+            out["bias"] = gc.sum((0, 1))
+        return out
+
+
+@register(nn.Linear)
+class LinearHandler(_LinearLike):
+    """``nn.Linear``: ``out = x @ W.T + b`` with ``W`` of shape (out, in); inputs of any rank."""
+
+
+@register("transformers.pytorch_utils.Conv1D")
+class GPT2Conv1DHandler(_LinearLike):
+    """transformers' ``Conv1D``: ``out = x @ W + b`` with ``W`` of shape (in, out)."""
+
+    transposed = True

@@ -1,0 +1,76 @@
+"""Affine normalization layers: LayerNorm, GroupNorm, RMSNorm, InstanceNorm1/2/3d.
+
+Their per-sample gradients are small (one vector per sample), so they are always materialized:
+weight_i = sum over non-parameter positions of g * x_hat, bias_i = sum of g, where x_hat is the
+normalized input recomputed from the saved input.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .registry import LayerHandler, Record, register
+
+
+class _AffineNorm(LayerHandler):
+    def x_hat(self, layer: nn.Module, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def reduce_dims(self, layer: nn.Module, x: Tensor) -> list[int]:
+        """Dimensions summed over to reach (B, *param.shape)."""
+        raise NotImplementedError
+
+    def per_sample(self, layer: nn.Module, rec: Record, names: list[str]) -> dict[str, Tensor]:
+        x, g = rec.a, rec.g
+        dims = self.reduce_dims(layer, x)
+        out: dict[str, Tensor] = {}
+        if "weight" in names:
+            out["weight"] = (g * self.x_hat(layer, x)).sum(dims) if dims else g * self.x_hat(layer, x)
+        if "bias" in names:
+            out["bias"] = g.sum(dims) if dims else g
+        return out
+
+
+class _LastDims(_AffineNorm):
+    """Norms whose parameters have the shape of the trailing ``normalized_shape``."""
+
+    def reduce_dims(self, layer: nn.Module, x: Tensor) -> list[int]:
+        return list(range(1, x.dim() - len(layer.normalized_shape)))
+
+
+@register(nn.LayerNorm)
+class LayerNormHandler(_LastDims):
+    def x_hat(self, layer: nn.Module, x: Tensor) -> Tensor:
+        return F.layer_norm(x, layer.normalized_shape, eps=layer.eps)
+
+
+@register(nn.RMSNorm)
+class RMSNormHandler(_LastDims):
+    def x_hat(self, layer: nn.Module, x: Tensor) -> Tensor:
+        return F.rms_norm(x, layer.normalized_shape, eps=layer.eps)
+
+
+class _Channels(_AffineNorm):
+    """Norms with one parameter per channel (dimension 1)."""
+
+    def reduce_dims(self, layer: nn.Module, x: Tensor) -> list[int]:
+        return list(range(2, x.dim()))
+
+
+@register(nn.GroupNorm)
+class GroupNormHandler(_Channels):
+    def x_hat(self, layer: nn.Module, x: Tensor) -> Tensor:
+        return F.group_norm(x, layer.num_groups, eps=layer.eps)
+
+
+@register(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+class InstanceNormHandler(_Channels):
+    def problems(self, layer: nn.Module) -> list[str]:
+        if layer.track_running_stats:
+            return ["track_running_stats=True keeps statistics over all samples seen, which leak into the "
+                    "model; use track_running_stats=False (or GroupNorm)"]
+        return []
+
+    def x_hat(self, layer: nn.Module, x: Tensor) -> Tensor:
+        return F.instance_norm(x, eps=layer.eps)

@@ -1,0 +1,156 @@
+"""One registry of per-layer handlers.
+
+A handler knows, for one layer family, how to turn the layer input ``a`` and the output gradient ``g``
+captured during the ordinary backward into
+
+* ``per_sample``  -> ``{param_name: (B, *param.shape)}``   (materialized; the reference path)
+* ``norm_sq``     -> ``{param_name: (B,)}``               (squared per-sample norms, possibly without
+                                                          materializing: the "ghost" / Gram form)
+* ``clipped_sum`` -> ``{param_name: param.shape}``         (sum_i c_i * grad_i, one weighted GEMM: book-keeping)
+
+Handlers are pure functions of ``(layer, record)``: they know nothing about clipping modes, noise or
+accounting. Per-sample gradients are gradients of the *summed* loss here; the controller undoes a
+mean reduction by scaling (it multiplies norms and factors by the batch size, never the tensors).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+
+class NormMethod(enum.Enum):
+    """How a handler computes a per-sample gradient norm."""
+
+    GRAM = "gram"  # ghost norm: never materializes the per-sample gradient
+    MATERIALIZE = "materialize"  # per-sample gradient of this layer alone, reduced to its norm
+
+
+@dataclass
+class Record:
+    """One call of a tracked layer: its inputs (detached) and, after the backward, its output gradient."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    g: Tensor | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # handler scratch (e.g. an unfolded conv input)
+
+    @property
+    def a(self) -> Tensor:
+        return self.args[0]
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.g.shape[0]) if self.g is not None else int(self.a.shape[0])
+
+
+class LayerHandler:
+    """Base class: a handler must implement ``per_sample``; the rest defaults to materializing.
+
+    Subclasses override ``norm_sq``/``clipped_sum`` with cheaper forms and set ``has_gram``.
+    """
+
+    #: True if ``norm_sq(..., NormMethod.GRAM)`` avoids materializing per-sample gradients.
+    has_gram: bool = False
+    #: True if autograd may save the layer's *output* for its own backward (then the capture copies the
+    #: output instead of tagging it in place).
+    output_may_be_saved: bool = False
+
+    def problems(self, layer: nn.Module) -> list[str]:
+        """Reasons this layer cannot be trained privately (empty if it can)."""
+        return []
+
+    def per_sample(self, layer: nn.Module, rec: Record, names: list[str]) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def prefers_gram(self, layer: nn.Module, rec: Record) -> bool:
+        """Cost rule for the ``bk`` backend: Gram form when it needs less memory than materializing."""
+        return False
+
+    def norm_sq(self, layer: nn.Module, rec: Record, names: list[str], method: NormMethod) -> dict[str, Tensor]:
+        ps = self.per_sample(layer, rec, names)
+        return {n: _sq_norm(t) for n, t in ps.items()}
+
+    def clipped_sum(self, layer: nn.Module, rec: Record, names: list[str], c: Tensor) -> dict[str, Tensor]:
+        ps = self.per_sample(layer, rec, names)
+        return {n: weighted_sum(t, c) for n, t in ps.items()}
+
+
+def _sq_norm(per_sample: Tensor) -> Tensor:
+    """(B, *shape) -> (B,) squared Frobenius norms."""
+    return per_sample.reshape(per_sample.shape[0], -1).pow(2).sum(1)
+
+
+def weighted_sum(per_sample: Tensor, c: Tensor) -> Tensor:
+    """sum_i c_i * per_sample[i] as one matrix-vector product."""
+    b = per_sample.shape[0]
+    return (c.to(per_sample.dtype) @ per_sample.reshape(b, -1)).reshape(per_sample.shape[1:])
+
+
+_BY_TYPE: dict[type, LayerHandler] = {}
+# Handlers for classes of optional packages, keyed by "module.qualname" so that the package is never
+# imported just to register them (transformers' GPT-2 ``Conv1D``, for example).
+_BY_NAME: dict[str, LayerHandler] = {}
+
+
+def register(*layer_types: type | str) -> Callable[[type[LayerHandler]], type[LayerHandler]]:
+    """Class decorator: register one handler instance for the given layer types (or qualified names)."""
+
+    def deco(cls: type[LayerHandler]) -> type[LayerHandler]:
+        inst = cls()
+        for t in layer_types:
+            if isinstance(t, str):
+                _BY_NAME[t] = inst
+            else:
+                _BY_TYPE[t] = inst
+        return cls
+
+    return deco
+
+
+def _qualname(t: type) -> str:
+    return f"{t.__module__}.{t.__qualname__}"
+
+
+def find_handler(layer: nn.Module) -> LayerHandler | None:
+    """The handler registered for the layer's class or, failing that, its nearest registered base class."""
+    for t in type(layer).__mro__:
+        if t in _BY_TYPE:
+            return _BY_TYPE[t]
+        if _qualname(t) in _BY_NAME:
+            return _BY_NAME[_qualname(t)]
+        if t is nn.Module:
+            break
+    return None
+
+
+def direct_trainable(layer: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in layer.named_parameters(recurse=False) if p.requires_grad]
+
+
+def registered_types() -> list[str]:
+    return sorted({t.__name__ for t in _BY_TYPE} | {n.rsplit(".", 1)[-1] for n in _BY_NAME})
+
+
+def flatten_tokens(x: Tensor) -> Tensor:
+    """(B, ..., d) -> (B, T, d) with T the product of the middle dimensions (T = 1 for 2-D inputs)."""
+    return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+def gram_norm_sq(a: Tensor, g: Tensor) -> Tensor:
+    """||sum_t g_t a_t^T||_F^2 per sample, without forming the outer products.
+
+    Args:
+        a: (B, T, d) layer inputs.
+        g: (B, T, p) output gradients.
+
+    Returns:
+        (B,) squared norms, sum_{t,s} (a_t . a_s)(g_t . g_s)  (Li et al. 2022, "ghost clipping").
+    """
+    if a.shape[1] == 1:
+        return a.pow(2).sum((1, 2)) * g.pow(2).sum((1, 2))
+    return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))

@@ -1,0 +1,119 @@
+"""The private optimizer step: the one place where clipping, noise and accounting meet.
+
+``loss.backward()`` leaves, per parameter, the clipped sum ``sum_i c_i grad_i`` in the grad-sample
+controller. ``step()`` adds Gaussian noise N(0, (sigma * C)^2) once, divides by the *expected* batch size
+(mean reduction), writes ``p.grad``, runs the wrapped optimizer, and records the step with the accountant.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from .grad_sample.controller import GradSampleController, LossReduction
+from .noise import GaussianNoise
+
+
+class DPOptimizer(Optimizer):
+    """Wraps a torch optimizer; shares its ``param_groups`` and ``state`` (LR schedulers keep working).
+
+    Args:
+        optimizer: the user's optimizer over the model's trainable parameters.
+        controller: the grad-sample controller of the private module.
+        noise_multiplier: sigma; noise std is ``sigma * policy.sensitivity``.
+        sensitivity: L2 sensitivity of the clipped sum (the clipping policy's).
+        expected_batch_size: q * N, fixed at ``make_private`` (divides the noisy sum for mean reduction).
+        sample_rate: q, recorded with the accountant each step.
+        accountant: an accountant from ``dpengine.accounting`` (``step(noise_multiplier=, sample_rate=)``).
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        *,
+        controller: GradSampleController,
+        noise_multiplier: float,
+        sensitivity: float,
+        expected_batch_size: float,
+        sample_rate: float,
+        loss_reduction: LossReduction,
+        noise: GaussianNoise,
+        accountant: Any,
+    ) -> None:
+        # Optimizer.__init__ registers the same param-group dicts (no copies) and sets up hook dicts.
+        super().__init__(optimizer.param_groups, optimizer.defaults)
+        self.original_optimizer = optimizer
+        self.state = optimizer.state
+        self.controller = controller
+        self.noise_multiplier = float(noise_multiplier)
+        self.sensitivity = float(sensitivity)
+        self.expected_batch_size = float(expected_batch_size)
+        self.sample_rate = float(sample_rate)
+        self.loss_reduction = loss_reduction
+        self.noise = noise
+        self.accountant = accountant
+        self._skip_next = False
+        self._keep_grads = False
+        self.steps_taken = 0
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def signal_chunk(self, first: bool, last: bool) -> None:
+        """Virtual steps (used by ``VirtualSteps``): within one logical batch, ``zero_grad`` clears only
+        before the first physical chunk and ``step`` applies only after the last one."""
+        self._keep_grads = not first
+        self._skip_next = not last
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        if self._keep_grads:
+            return
+        self.controller.clear()
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def _privatize(self) -> None:
+        sums = self.controller.pop_clipped_sums()
+        std = self.noise_multiplier * self.sensitivity
+        for p in self.params:
+            if not p.requires_grad:
+                continue
+            total = sums.get(p)
+            if total is None:  # no sample touched it (e.g. an empty Poisson batch): noise only
+                total = torch.zeros_like(p)
+            grad = total + self.noise.sample_like(total, std)
+            if self.loss_reduction is LossReduction.MEAN:
+                grad.div_(self.expected_batch_size)
+            p.grad = grad
+            self.controller.mark_written(p, grad)
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self._skip_next:
+            self._skip_next = False
+            return loss
+        self._privatize()
+        self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+        self.steps_taken += 1
+        self.original_optimizer.step()
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.original_optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.original_optimizer.load_state_dict(state_dict)
+        self.param_groups = self.original_optimizer.param_groups
+        self.state = self.original_optimizer.state
+
+    def __repr__(self) -> str:
+        return (f"DPOptimizer(noise_multiplier={self.noise_multiplier}, sensitivity={self.sensitivity}, "
+                f"expected_batch_size={self.expected_batch_size}, wraps={self.original_optimizer!r})")

@@ -1,0 +1,89 @@
+"""Model checks before private training: ``validate`` lists every problem at once; ``fix`` repairs some."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .grad_sample import FALLBACK, find_handler
+from .grad_sample.registry import direct_trainable
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One reason a model cannot be trained privately as it is."""
+
+    module: str
+    layer: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.module or '<root>'} ({self.layer}): {self.reason}"
+
+
+class UnsupportedModuleError(ValueError):
+    """Raised by ``make_private`` with every problem ``validate`` found."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"The model cannot be trained privately as it is ({len(problems)} problem(s)):\n{lines}")
+
+
+_BATCHNORM = ("batch statistics mix samples in the forward (so no per-sample gradient exists) and running "
+              "statistics leak data; use dpengine.fix(model) to replace it with GroupNorm")
+_RNN = ("recurrent layers have no per-sample rule in dpengine yet; build the cell from nn.Linear layers")
+_MHA = ("nn.MultiheadAttention reads its out_proj weights directly, bypassing per-layer capture; write "
+        "attention with nn.Linear projections (e.g. F.scaled_dot_product_attention)")
+
+
+def validate(module: nn.Module) -> list[Problem]:
+    """Every reason ``module`` cannot be trained privately, all at once (empty list if none)."""
+    problems: list[Problem] = []
+    for name, layer in module.named_modules():
+        kind = type(layer).__name__
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            problems.append(Problem(name, kind, _BATCHNORM))
+            continue
+        if isinstance(layer, nn.MultiheadAttention) and any(p.requires_grad for p in layer.parameters()):
+            problems.append(Problem(name, kind, _MHA))
+            continue
+        if isinstance(layer, nn.RNNBase) and any(p.requires_grad for p in layer.parameters()):
+            problems.append(Problem(name, kind, _RNN))
+            continue
+        running = [n for n, _ in layer.named_buffers(recurse=False) if n.startswith("running_")]
+        handler = find_handler(layer)
+        if running and handler is None:
+            problems.append(Problem(name, kind, f"running statistics {running} are updated from the data and leak "
+                                                "it; remove them (track_running_stats=False) or use GroupNorm"))
+            continue
+        if not direct_trainable(layer):
+            continue
+        for reason in (handler or FALLBACK).problems(layer):
+            problems.append(Problem(name, kind, reason))
+    return problems
+
+
+def fix(module: nn.Module) -> nn.Module:
+    """Replace BatchNorm layers with GroupNorm (in place; returns the module).
+
+    The GroupNorm uses the largest group count <= 32 that divides the channel count, and copies the
+    affine parameters so a pretrained model keeps its scale and shift.
+    """
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            c = child.num_features
+            groups = max(g for g in range(1, min(32, c) + 1) if c % g == 0)
+            gn = nn.GroupNorm(groups, c, eps=child.eps, affine=child.affine)
+            if child.affine:
+                gn = gn.to(device=child.weight.device, dtype=child.weight.dtype)
+                with torch.no_grad():
+                    gn.weight.copy_(child.weight)
+                    gn.bias.copy_(child.bias)
+                gn.requires_grad_(child.weight.requires_grad)
+            setattr(module, name, gn)
+        else:
+            fix(child)
+    return module
