@@ -15,9 +15,9 @@ _LAZY = {
     "DPOptimizer": "dpengine.optimizer",
     "VirtualSteps": "dpengine.data",
     "DPDataLoader": "dpengine.data",
-    "validate": "dpengine.validate",
-    "fix": "dpengine.validate",
-    "UnsupportedModuleError": "dpengine.validate",
+    "validate": "dpengine.validation",
+    "fix": "dpengine.validation",
+    "UnsupportedModuleError": "dpengine.validation",
 }
 
 __all__ = sorted(_LAZY)

@@ -17,7 +17,7 @@ from .data import DPDataLoader
 from .grad_sample.controller import GradSampleController, GradSampleMode, LossReduction
 from .noise import GaussianNoise
 from .optimizer import DPOptimizer
-from .validate import UnsupportedModuleError, validate
+from .validation import UnsupportedModuleError, validate
 
 
 class PrivacyEngine:
