@@ -97,6 +97,14 @@ def _series_terms(q: float, sigma: float, alpha: float, i: np.ndarray) -> tuple[
         log_binom = special.gammaln(alpha + 1) - special.gammaln(i + 1) - special.gammaln(j + 1)
         sign = special.gammasgn(j + 1)
     pole = (j + 1 <= 0) & (np.floor(j + 1) == j + 1)  # C(a, i) = 0 for integer a < i
+    # Leading coefficients by the exact product C(a,i) = prod_{k<i} (a-k)/(k+1): the difference of
+    # large gammaln values loses ~1e-13 relative accuracy, which A - 1 ~ 0 would amplify.
+    m = min(len(i), 128)
+    if m > 1 and i[0] == 0:
+        k = np.arange(m - 1, dtype=np.float64)
+        with np.errstate(divide="ignore"):
+            log_binom = log_binom.copy()
+            log_binom[:m] = np.concatenate([[0.0], np.cumsum(np.log(np.abs(alpha - k)) - np.log(k + 1))])
     log_binom = np.where(pole, -np.inf, log_binom)
     sign = np.where(pole, 0.0, sign)
     z0 = sigma**2 * (math.log1p(-q) - math.log(q)) + 0.5
