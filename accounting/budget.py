@@ -246,7 +246,7 @@ def budget(
               "dataset_size": dataset_size, "batch_size": batch_size, "steps": steps, "epochs": epochs,
               "accountant": accountant}
     if as_json:
-        payload: dict[str, Any] = {"inputs": inputs, "assumptions": ASSUMPTIONS, "notes": notes,
+        payload: dict[str, Any] = {"inputs": inputs, "delta": delta, "accountant": accountant, "assumptions": ASSUMPTIONS, "notes": notes,
                                    "epochs_rule": EPOCHS_RULE, "versions": _versions()}
         if len(rows) == 1:
             payload.update(rows[0])
