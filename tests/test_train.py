@@ -1,0 +1,58 @@
+"""`dpengine train`: config loading, the CLI, and the default job's privacy/accuracy band."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from dpengine.config import load_config, parse_config
+from dpengine.train import run, train
+
+
+def test_default_config_loads_and_is_private():
+    cfg = load_config()
+    assert cfg.privacy.target_epsilon == 3.0 and cfg.privacy.delta == 1e-5
+    assert cfg.privacy.grad_sample_mode == "bk"
+
+
+def test_config_validation_names_the_bad_field():
+    with pytest.raises(ValueError, match="Unknown key"):
+        parse_config({"training": {"epochz": 3}})
+    with pytest.raises(ValueError, match="lr=-1"):
+        parse_config({"training": {"lr": -1}})
+    with pytest.raises(ValueError, match="exactly one"):
+        parse_config({"privacy": {"target_epsilon": 3.0, "noise_multiplier": 1.0}})
+
+
+def test_cli_json_on_a_short_config(tmp_path):
+    cfg = tmp_path / "short.toml"
+    cfg.write_text('[training]\nepochs = 2\n[privacy]\ntarget_epsilon = 1.0\ndelta = 1e-5\n')
+    res = CliRunner().invoke(train, [str(cfg), "--json", "--no-progress", "--compare-nonprivate"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    priv, non = out["runs"]
+    assert priv["private"] and not non["private"]
+    assert 0.99 <= priv["epsilon"] <= 1.0
+    assert priv["steps"] == non["steps"] == 2 * 12  # 1437 training examples / 128 -> 12 steps per epoch
+
+
+@pytest.mark.slow
+def test_default_job_reaches_the_accuracy_band():
+    cfg = load_config()
+    priv = run(cfg, private=True, progress=False)
+    non = run(cfg, private=False, progress=False)
+    assert priv.epsilon <= 3.0
+    assert non.test_accuracy - priv.test_accuracy <= 0.05
+    assert 0.88 <= priv.test_accuracy <= non.test_accuracy + 0.01
+
+
+@pytest.mark.slow
+def test_noise_multiplier_config_path():
+    cfg = load_config()
+    cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, epochs=1),
+                              privacy=dataclasses.replace(cfg.privacy, target_epsilon=None, noise_multiplier=1.0))
+    res = run(cfg, private=True, progress=False)
+    assert res.noise_multiplier == 1.0 and res.epsilon > 0
