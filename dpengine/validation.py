@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .grad_sample import FALLBACK, find_handler
-from .grad_sample.registry import direct_trainable
+from .grad_sample.controller import trainable_layers
 
 
 @dataclass(frozen=True)
@@ -44,25 +44,23 @@ def validate(module: nn.Module) -> list[Problem]:
     problems: list[Problem] = []
     for name, layer in module.named_modules():
         kind = type(layer).__name__
+        trainable = any(p.requires_grad for p in layer.parameters())
+        running = [n for n, _ in layer.named_buffers(recurse=False) if n.startswith("running_")]
         if isinstance(layer, nn.modules.batchnorm._BatchNorm):
             problems.append(Problem(name, kind, _BATCHNORM))
-            continue
-        if isinstance(layer, nn.MultiheadAttention) and any(p.requires_grad for p in layer.parameters()):
+        elif isinstance(layer, nn.MultiheadAttention) and trainable:
             problems.append(Problem(name, kind, _MHA))
-            continue
-        if isinstance(layer, nn.RNNBase) and any(p.requires_grad for p in layer.parameters()):
+        elif isinstance(layer, nn.RNNBase) and trainable:
             problems.append(Problem(name, kind, _RNN))
-            continue
-        running = [n for n, _ in layer.named_buffers(recurse=False) if n.startswith("running_")]
-        handler = find_handler(layer)
-        if running and handler is None:
+        elif running:
             problems.append(Problem(name, kind, f"running statistics {running} are updated from the data and leak "
-                                                "it; remove them (track_running_stats=False) or use GroupNorm"))
+                                                "it; use track_running_stats=False, or GroupNorm"))
+    reported = {p.module for p in problems}
+    for name, layer, _ in trainable_layers(module):
+        if name in reported or any(name.startswith(r + ".") for r in reported if r):
             continue
-        if not direct_trainable(layer):
-            continue
-        for reason in (handler or FALLBACK).problems(layer):
-            problems.append(Problem(name, kind, reason))
+        for reason in (find_handler(layer) or FALLBACK).problems(layer):
+            problems.append(Problem(name, type(layer).__name__, reason))
     return problems
 
 

@@ -290,3 +290,10 @@ def test_lr_scheduler_and_eval_without_grad_work():
     with torch.no_grad():
         model.eval()
         assert model(torch.randn(3, 6, dtype=torch.float64)).shape == (3, 3)
+
+
+def test_running_statistics_and_mha_are_reported():
+    model = nn.Sequential(nn.InstanceNorm1d(4, track_running_stats=True), nn.MultiheadAttention(4, 2))
+    problems = dpengine.validate(model)
+    assert [p.layer for p in problems] == ["InstanceNorm1d", "MultiheadAttention"]
+    assert "track_running_stats=False" in str(problems[0])

@@ -57,6 +57,34 @@ class PerSampleGradientError(RuntimeError):
     """Raised when per-sample gradients cannot be formed correctly for a batch."""
 
 
+def trainable_layers(module: nn.Module) -> list[tuple[str, nn.Module, list[tuple[str, nn.Parameter]]]]:
+    """Layers with trainable parameters of their own, each parameter assigned to the layers that use it.
+
+    A parameter registered in a layer and again in one of its ancestors (transformers ties
+    ``BertLMPredictionHead.bias`` to ``decoder.bias`` this way) belongs to the descendant only: the
+    ancestor merely aliases it. Should the ancestor read it directly after all, autograd would hand it an
+    ordinary gradient, which the controller detects and refuses.
+    """
+    owners: dict[int, list[str]] = {}
+    entries = []
+    for name, layer in module.named_modules():
+        trainable = direct_trainable(layer)
+        if trainable:
+            entries.append((name, layer, trainable))
+            for _, p in trainable:
+                owners.setdefault(id(p), []).append(name)
+
+    def aliased_below(name: str, p: nn.Parameter) -> bool:
+        return any(o != name and (name == "" or o.startswith(name + ".")) for o in owners[id(p)])
+
+    out = []
+    for name, layer, trainable in entries:
+        kept = [(n, p) for n, p in trainable if not aliased_below(name, p)]
+        if kept:
+            out.append((name, layer, kept))
+    return out
+
+
 _state = threading.local()
 
 
@@ -106,10 +134,7 @@ class GradSampleController:
         self.clip_factors = clip_factors
         self.loss_reduction = loss_reduction
         self.layers: list[TrackedLayer] = []
-        for name, layer in module.named_modules():
-            trainable = direct_trainable(layer)
-            if not trainable:
-                continue
+        for name, layer, trainable in trainable_layers(module):
             handler = find_handler(layer) or FALLBACK
             self.layers.append(TrackedLayer(name, layer, handler, [n for n, _ in trainable], [p for _, p in trainable]))
         self.params: list[nn.Parameter] = list({id(p): p for tl in self.layers for p in tl.params}.values())
@@ -122,13 +147,19 @@ class GradSampleController:
         self.batches_accumulated = 0
         self.last_norms: Tensor | None = None
         self._swapped: set[int] = set()  # layers whose parameters the pre-hook swapped for this call
-        self._handles = []
+        self._handles = [module.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True)]
+        self._root_batch: int | None = None
         for tl in self.layers:
             self._handles.append(tl.module.register_forward_pre_hook(self._make_pre_hook(tl)))
             self._handles.append(
                 tl.module.register_forward_hook(self._make_hook(tl), with_kwargs=True, always_call=True))
 
     # ----------------------------------------------------------------------------------- capture
+    def _root_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Remember the batch size of the model's input (its first tensor argument's dimension 0)."""
+        first = next((x for x in (*args, *kwargs.values()) if isinstance(x, Tensor) and x.dim() > 0), None)
+        self._root_batch = int(first.shape[0]) if first is not None else None
+
     def _make_pre_hook(self, tl: TrackedLayer) -> Callable:
         def pre_hook(layer: nn.Module, args: tuple) -> None:
             if torch.is_grad_enabled() and _capture_on():
@@ -148,15 +179,22 @@ class GradSampleController:
                 raise PerSampleGradientError(
                     f"layer '{tl.name}' ({type(layer).__name__}) returned {type(out).__name__}; dpengine captures "
                     "layers with a single tensor output. Register a handler for this layer type.")
-            rec = Record(
-                tuple(x.detach() if isinstance(x, Tensor) else x for x in args),
-                {k: (v.detach() if isinstance(v, Tensor) else v) for k, v in kwargs.items()},
-            )
+            args = tuple(x.detach() if isinstance(x, Tensor) else x for x in args)
+            batch, copy = self._root_batch, tl.handler.output_may_be_saved
+            if batch is not None and batch != 1 and out.dim() > 0 and out.shape[0] == 1 and \
+                    isinstance(args[0], Tensor) and args[0].dim() > 0 and args[0].shape[0] == 1:
+                # A batch-1 input broadcast against the batch (e.g. GPT-2's position ids of shape (1, T)):
+                # expand it, so the gradient arriving here is still per sample instead of summed.
+                args = tuple(x.expand(batch, *x.shape[1:]) if isinstance(x, Tensor) and x.dim() > 0
+                             and x.shape[0] == 1 else x for x in args)
+                out = out.expand(batch, *out.shape[1:])
+                copy = True  # tagging an expanded view in place would route g through its (summed) base
+            rec = Record(args, {k: (v.detach() if isinstance(v, Tensor) else v) for k, v in kwargs.items()})
 
             def on_grad(g: Tensor) -> None:
                 self._on_grad(tl, rec, g)
 
-            return _Tap.apply(self._anchor, out, on_grad, tl.handler.output_may_be_saved)
+            return _Tap.apply(self._anchor, out, on_grad, copy)
         return hook
 
     def _on_grad(self, tl: TrackedLayer, rec: Record, g: Tensor) -> None:
