@@ -176,12 +176,19 @@ def run_suite(suite: Suite, progress: bool = True, runner: Callable[[dict[str, A
         acc_rows, note = run_accounting()
         if note:
             notes.append(note)
-    vers = versions()
-    meta = {"timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "commit": git_commit(),
+    return {"meta": make_meta(suite), "configs": list(results.values()), "accounting": acc_rows, "notes": notes}
+
+
+def make_meta(suite: Suite) -> dict[str, Any]:
+    return {"timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "commit": git_commit(),
             "device": device_name(suite.device), "suite": suite.name, "rounds": suite.rounds,
-            "warmup": suite.warmup, "steps": suite.steps, "threads": suite.threads, **vers, **cpu_info(),
+            "warmup": suite.warmup, "steps": suite.steps, "threads": suite.threads, **versions(), **cpu_info(),
             "python": platform.python_version()}
-    return {"meta": meta, "configs": list(results.values()), "accounting": acc_rows, "notes": notes}
+
+
+def run_accounting_only(suite: Suite) -> dict[str, Any]:
+    rows, note = run_accounting()
+    return {"meta": make_meta(suite), "configs": [], "accounting": rows, "notes": [note] if note else []}
 
 
 def run_accounting(repeats: int | None = None) -> tuple[list[dict[str, Any]], str]:

@@ -1,0 +1,77 @@
+"""``dpengine bench``: per-sample clipping throughput and memory benchmark."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import click
+
+HELP = """Benchmark private training steps: models x modes x batch sizes, every configuration in a fresh
+subprocess, round-robin over several rounds; reports median/p20/p80 step time, samples/s, peak memory
+and the ratios DP / non-private and dpengine / best Opacus mode, plus an accounting micro-benchmark.
+
+\b
+Suites (configs/bench/NAME.toml, installed as dpengine.configs.bench):
+  default  MLP 784-512-512-10 b256, CNN 3conv+GroupNorm 32x32 b64, GPT-like 4x256 T128 b16;
+           modes nonprivate, hooks, ghost, bk, fused (CUDA only), opacus-hooks, opacus-ghost;
+           5 rounds x (3 warm-up + 10 timed steps); accounting micro-benchmark. Tens of minutes on 2 cores.
+  quick    the same models, smaller (b64 / b16 / b4, T 64), 2 rounds: about 3 minutes on 2 cores.
+  gpu      GPT-2 small shape (12 x 768, T 1024) and the default models at GPU batch sizes; CUDA.
+  hf       transformers GPT2LMHeadModel from a config (random weights, nothing downloaded).
+
+\b
+Writes into --output-dir: results.csv (long format, appended), results.json, results_table.md,
+bench.png and RESULTS.md. Example: dpengine bench --quick --output-dir /tmp/bq
+"""
+
+
+@click.command("bench", help=HELP)
+@click.option("--suite", "suite_name", default="default", show_default=True,
+              help="Suite name (configs/bench/NAME.toml) or a path to a .toml file.")
+@click.option("--quick", is_flag=True, help="Run the quick suite (same as --suite quick).")
+@click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("benchmarks"),
+              show_default=True, help="Where the CSV, tables, plot and RESULTS.md go.")
+@click.option("--rounds", type=click.IntRange(min=1), help="Override the suite's number of rounds.")
+@click.option("--steps", type=click.IntRange(min=1), help="Override the timed steps per round.")
+@click.option("--warmup", type=click.IntRange(min=0), help="Override the warm-up steps per round.")
+@click.option("--threads", type=click.IntRange(min=1), help="Override torch threads (default from the suite: 2).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Override the suite's device.")
+@click.option("--accounting/--no-accounting", default=None,
+              help="Include (or not) the accounting micro-benchmark; default: as the suite says.")
+@click.option("--accounting-only", is_flag=True, help="Run only the accounting micro-benchmark.")
+@click.option("--list", "list_suites", is_flag=True, help="List the available suites and exit.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
+def bench(suite_name: str, quick: bool, output_dir: Path, rounds: int | None, steps: int | None,
+          warmup: int | None, threads: int | None, device: str | None, accounting: bool | None,
+          accounting_only: bool, list_suites: bool, progress: bool) -> None:
+    from dpengine.bench.report import write_all
+    from dpengine.bench.runner import run_suite
+    from dpengine.bench.suite import SuiteError, available_suites, load_suite
+
+    if list_suites:
+        for name in available_suites():
+            s = load_suite(name)
+            click.echo(f"{name}: {len(s.configs())} configurations x {s.rounds} rounds"
+                       f"{' + accounting' if s.accounting else ''}")
+        return
+    try:
+        suite = load_suite("quick" if quick else suite_name)
+        suite = suite.with_overrides(rounds=rounds, steps=steps, warmup=warmup, threads=threads, device=device)
+    except SuiteError as e:
+        raise click.UsageError(str(e)) from None
+    command = "dpengine bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 1 else "dpengine bench"
+    t0 = time.perf_counter()
+    if accounting_only:
+        import dataclasses
+
+        from dpengine.bench.runner import run_accounting_only
+
+        suite = dataclasses.replace(suite, targets=())
+        raw = run_accounting_only(suite)
+    else:
+        raw = run_suite(suite, progress=progress, accounting=accounting, log=lambda m: click.echo(m, err=True))
+    paths = write_all(raw, suite, output_dir, command)
+    click.echo(f"done in {time.perf_counter() - t0:.0f} s; wrote " + ", ".join(str(p) for p in paths.values()))

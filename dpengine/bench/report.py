@@ -1,0 +1,259 @@
+"""Outputs of a run: the long-format CSV (appended), a JSON dump of the run, markdown tables
+(printed with rich and written), the PNG plot and a RESULTS.md report."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from dpengine.bench.runner import CSV_COLUMNS
+from dpengine.bench.suite import Suite
+
+MODE_ORDER = ("nonprivate", "hooks", "ghost", "bk", "fused", "opacus-hooks", "opacus-ghost")
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    """Append ``rows`` to ``path`` (header written when the file is new or empty)."""
+    new = not path.exists() or path.stat().st_size == 0
+    with path.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) and math.isfinite(v) else
+                            ("nan" if isinstance(v, float) else v)) for k, v in r.items()})
+
+
+def write_json(raw: dict[str, Any], summary: list[dict[str, Any]], path: Path) -> None:
+    def clean(x: Any) -> Any:
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+
+    path.write_text(json.dumps(clean({"meta": raw["meta"], "notes": raw["notes"], "summary": summary,
+                                      "accounting": raw.get("accounting", []), "raw": raw["configs"]}), indent=1))
+
+
+# ---------------------------------------------------------------------------------- tables
+
+
+def _f(x: float | None, fmt: str = "{:.3g}") -> str:
+    return "–" if x is None or not math.isfinite(x) else fmt.format(x)
+
+
+def _ratio(m: dict[str, Any], key: str) -> str:
+    if key not in m:
+        return "–"
+    med, p20, p80, _ = m[key]
+    return f"{_f(med, '{:.2f}')}× ({_f(p20, '{:.2f}')}–{_f(p80, '{:.2f}')})"
+
+
+def _model_label(s: dict[str, Any]) -> str:
+    params = s.get("params") or {}
+    return s["model"] + (" " + ",".join(f"{k}={v}" for k, v in sorted(params.items())) if params else "")
+
+
+def main_table(summary: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    head = ["model", "batch", "mode", "status", "step ms (p20–p80)", "samples/s", "peak MB", "peak−base MB",
+            "time ×NP", "peak mem ×NP", "time ×best Opacus"]
+    rows = []
+    order = {m: i for i, m in enumerate(MODE_ORDER)}
+    for s in sorted(summary, key=lambda s: (s["model"], json.dumps(s.get("params", {})), s["batch"],
+                                            order.get(s["mode"], 99))):
+        m = s["metrics"]
+        if not m:
+            rows.append([_model_label(s), str(s["batch"]), s["mode"], s["status"]] + ["–"] * (len(head) - 4))
+            continue
+        med, p20, p80, _ = m["step_time_s"]
+        best = s.get("best_opacus", {}).get("time")
+        rows.append([
+            _model_label(s), str(s["batch"]), s["mode"], "ok",
+            f"{med * 1e3:.1f} ({p20 * 1e3:.1f}–{p80 * 1e3:.1f})", f"{m['samples_per_s'][0]:.0f}",
+            f"{m['peak_mem_mb'][0]:.0f}", f"{m['step_mem_mb'][0]:.0f}", _ratio(m, "time_ratio_vs_nonprivate"),
+            _ratio(m, "mem_ratio_vs_nonprivate"),
+            _ratio(m, "time_ratio_vs_best_opacus") + (f" [{best}]" if best else "")])
+    return head, rows
+
+
+def accounting_table(acc: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    head = ["task", "provider", "median ms", "p20 ms", "p80 ms"]
+    rows = [[str(a.get("task", "")), str(a.get("provider", "")), _f(a.get("median_s", math.nan) * 1e3),
+             _f(a.get("p20_s", math.nan) * 1e3), _f(a.get("p80_s", math.nan) * 1e3)] for a in acc]
+    return head, rows
+
+
+def targets_table(suite: Suite, summary: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    head = ["model", "batch", "mode", "metric", "measured (p20–p80)", "target", "met", "reference"]
+    rows = []
+    for t in suite.targets:
+        hit = [s for s in summary if s["model"] == t.model and s["batch"] == t.batch and s["mode"] == t.mode]
+        val = hit[0]["metrics"].get(t.metric) if hit and hit[0]["metrics"] else None
+        met = "–" if val is None else ("yes" if val[0] <= t.max else "no")
+        rows.append([t.model, str(t.batch), t.mode, t.metric, _ratio({t.metric: val}, t.metric) if val else
+                     (hit[0]["status"] if hit else "not run"), f"≤ {t.max:g}×", met, t.note])
+    return head, rows
+
+
+def markdown(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines += ["| " + " | ".join(c.replace("|", "/") for c in r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def print_tables(tables: list[tuple[str, list[str], list[list[str]]]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    for title, head, rows in tables:
+        if not rows:
+            continue
+        t = Table(title=title, show_lines=False)
+        for h in head:
+            t.add_column(h, overflow="fold")
+        for r in rows:
+            t.add_row(*r)
+        console.print(t)
+
+
+# ------------------------------------------------------------------------------------ plot
+
+
+def plot(summary: list[dict[str, Any]], path: Path, title: str = "") -> None:
+    """Three panels: throughput per mode per model (log), step-time and peak-memory overhead vs non-private."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(_model_label(s), s["batch"]) for s in summary})
+    modes = [m for m in MODE_ORDER if any(s["mode"] == m and s["metrics"] for s in summary)]
+    fig, axes = plt.subplots(1, 3, figsize=(6 + 2.2 * max(len(groups), 1) * 1.5, 4.5))
+    panels = [("samples_per_s", "samples / s (log)", True), ("time_ratio_vs_nonprivate", "step time × non-private", False),
+              ("mem_ratio_vs_nonprivate", "peak memory × non-private", False)]
+    width = 0.8 / max(len(modes), 1)
+    for ax, (metric, label, log) in zip(axes, panels):
+        for j, mode in enumerate(modes):
+            xs, ys, lo, hi = [], [], [], []
+            for i, (lab, b) in enumerate(groups):
+                hit = [s for s in summary if _model_label(s) == lab and s["batch"] == b and s["mode"] == mode
+                       and metric in s["metrics"]]
+                if hit:
+                    med, p20, p80, _ = hit[0]["metrics"][metric]
+                    xs.append(i + (j - (len(modes) - 1) / 2) * width)
+                    ys.append(med)
+                    lo.append(max(med - min(p20, p80), 0))
+                    hi.append(max(max(p20, p80) - med, 0))
+            if xs:
+                ax.bar(xs, ys, width, yerr=[lo, hi], label=mode, capsize=2)
+        ax.set_xticks(range(len(groups)))
+        ax.set_xticklabels([f"{lab}\nb={b}" for lab, b in groups], fontsize=7)
+        ax.set_ylabel(label)
+        if log:
+            ax.set_yscale("log")
+        else:
+            ax.axhline(1.0, color="k", lw=0.8, ls="--")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------ RESULTS.md
+
+FULL_SUITE_DOC = """\
+## How to run
+
+```
+dpengine bench                      # the default suite (configs/bench/default.toml) + accounting micro-benchmark
+dpengine bench --quick              # the quick suite, about 3 minutes on 2 CPU cores
+dpengine bench --suite gpu          # GPU-sized models (GPT-2 small shape), CUDA only; adds the fused mode
+dpengine bench --suite hf           # Hugging Face GPT2LMHeadModel built from a config
+dpengine bench --accounting         # only the accounting micro-benchmark
+dpengine bench --rounds 7 --steps 20 --threads 2 --output-dir benchmarks
+```
+
+Every (model, mode, batch) configuration runs in a fresh subprocess (`python -m dpengine.bench.worker
+--config JSON`), so its peak memory is its own. Rounds go round-robin over the configurations (the order
+reverses every round), each round doing `warmup` untimed then `steps` timed steps on a fixed batch.
+Step time median/p20/p80 pool all timed steps of all rounds; ratios (×NP = DP / non-private of the same
+model and batch; ×best Opacus = dpengine / the fastest (or, for memory, leanest) Opacus mode) are the
+median/p20/p80 of the *per-round* ratios, so drift between rounds cancels. On CPU, peak memory is the
+process RSS high-water mark (ru_maxrss), which includes the shared import baseline (`baseline_rss_mb`,
+RSS after importing torch, dpengine and Opacus, before the model is built; identical across modes);
+`peak−base` subtracts it (`step_mem_mb`, `step_mem_ratio_vs_nonprivate` in the CSV). On GPU it is
+`torch.cuda.max_memory_allocated`.
+
+Files: `results.csv` (long format, appended by every run: timestamp, commit, device, versions, suite,
+model, params, mode, clipping, batch, metric, median, p20, p80, n, status), `results.json` (the latest
+run, raw per-round numbers included), `results_table.md`, `bench.png`.
+"""
+
+
+def results_md(raw: dict[str, Any], suite: Suite, summary: list[dict[str, Any]], command: str,
+               plot_name: str = "bench.png", extra: str = "") -> str:
+    meta = raw["meta"]
+    parts = [f"# dpengine benchmark results — suite `{suite.name}`\n",
+             f"Command: `{command}`\n",
+             f"- date: {meta['timestamp']}, commit `{meta['commit']}`",
+             f"- machine: {meta.get('cpu_model', '?')}, {meta.get('cores', '?')} cores; device `{meta['device']}`",
+             f"- torch {meta['torch']}, triton {meta['triton']}, opacus {meta['opacus']}, python {meta['python']}",
+             f"- torch threads {meta['threads']}, rounds {meta['rounds']}, warm-up {meta['warmup']} + "
+             f"{meta['steps']} timed steps per round",
+             ""]
+    if suite.description:
+        parts += [suite.description.strip(), ""]
+    if suite.targets:
+        parts += ["## Targets (DP / non-private, from the same run)\n", markdown(*targets_table(suite, summary))]
+    parts += ["## Step time, throughput, memory\n", markdown(*main_table(summary)), f"![plot]({plot_name})\n"]
+    if raw.get("accounting"):
+        parts += ["## Accounting micro-benchmark\n", markdown(*accounting_table(raw["accounting"]))]
+    if raw.get("notes"):
+        parts += ["## Notes\n", *[f"- {n}" for n in raw["notes"]], ""]
+    if extra:
+        parts += [extra, ""]
+    parts += [FULL_SUITE_DOC]
+    return "\n".join(parts)
+
+
+def write_all(raw: dict[str, Any], suite: Suite, out_dir: Path, command: str, echo: bool = True) -> dict[str, Path]:
+    """Write CSV (append), JSON, markdown table, plot and RESULTS.md into ``out_dir``; print the tables."""
+    from dpengine.bench.runner import summarize, to_rows
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = summarize(raw)
+    paths = {"csv": out_dir / "results.csv", "json": out_dir / "results.json", "table": out_dir / "results_table.md",
+             "plot": out_dir / "bench.png", "results": out_dir / "RESULTS.md"}
+    write_csv(to_rows(raw, summary), paths["csv"])
+    write_json(raw, summary, paths["json"])
+    tables = [("Targets", *targets_table(suite, summary))] if suite.targets else []
+    if summary:
+        tables.append((f"dpengine bench — {suite.name}", *main_table(summary)))
+    if raw.get("accounting"):
+        tables.append(("Accounting micro-benchmark", *accounting_table(raw["accounting"])))
+    paths["table"].write_text("\n".join(f"### {t}\n\n{markdown(h, r)}" for t, h, r in tables))
+    if summary:
+        plot(summary, paths["plot"], title=f"dpengine bench {suite.name} — {raw['meta']['device']}, "
+                                            f"{raw['meta']['threads']} threads, commit {raw['meta']['commit']}")
+    else:
+        paths.pop("plot")
+    paths["results"].write_text(results_md(raw, suite, summary, command, plot_name=paths.get("plot", Path("")).name))
+    if echo:
+        print_tables(tables)
+        for n in raw.get("notes", []):
+            print(f"note: {n}")
+    return paths
+
+
+__all__ = ["write_all", "write_csv", "plot", "markdown", "main_table", "results_md"]
