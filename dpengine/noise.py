@@ -30,16 +30,17 @@ class GaussianNoise:
             self._generators[device] = g
         return self._generators[device]
 
-    def sample_like(self, t: Tensor, std: float) -> Tensor:
+    def add_to(self, t: Tensor, std: float) -> Tensor:
+        """``t += N(0, std^2)`` elementwise, in place; returns ``t``."""
         if std == 0:
-            return torch.zeros_like(t)
+            return t
         gen = self._gen(t.device)
         if self.secure_mode:
-            n = torch.zeros_like(t)
-            for _ in range(4):
-                n += torch.randn(t.shape, generator=gen, device=t.device, dtype=t.dtype)
-            return n.mul_(std / 2)
-        return torch.randn(t.shape, generator=gen, device=t.device, dtype=t.dtype).mul_(std)
+            n = torch.empty_like(t)
+            for _ in range(4):  # sum of four N(0, std^2 / 4)
+                t.add_(n.normal_(0.0, std / 2, generator=gen))
+            return t
+        return t.add_(torch.empty_like(t).normal_(0.0, std, generator=gen))
 
     def state_dict(self) -> dict:
         return {"seed": self.seed, "secure_mode": self.secure_mode,

@@ -83,10 +83,10 @@ class DPOptimizer(Optimizer):
         for p in self.params:
             if not p.requires_grad:
                 continue
-            total = sums.get(p)
-            if total is None:  # no sample touched it (e.g. an empty Poisson batch): noise only
-                total = torch.zeros_like(p)
-            grad = total + self.noise.sample_like(total, std)
+            grad = sums.get(p)
+            if grad is None:  # no sample touched it (e.g. an empty Poisson batch): noise only
+                grad = torch.zeros_like(p)
+            self.noise.add_to(grad, std)  # the sum is ours (engine-owned buffer): noise in place
             if self.loss_reduction is LossReduction.MEAN:
                 grad.div_(self.expected_batch_size)
             p.grad = grad

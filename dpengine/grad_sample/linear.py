@@ -45,13 +45,18 @@ class _LinearLike(LayerHandler):
 
     def clipped_sum(self, layer: nn.Module, rec: Record, names: list[str], c: Tensor) -> dict[str, Tensor]:
         a, g = self._ag(rec)
-        gc = g * c.to(g.dtype).view(-1, 1, 1)  # (B, T, p): book-keeping folds the factors into g
+        cv = c.to(g.dtype)
         out: dict[str, Tensor] = {}
         if "weight" in names:
-            g2, a2 = gc.reshape(-1, gc.shape[-1]), a.reshape(-1, a.shape[-1])
-            out["weight"] = a2.t() @ g2 if self.transposed else g2.t() @ a2  # one GEMM
+            # book-keeping: sum_i c_i g_i^T a_i is one GEMM once the factors are folded into the
+            # smaller of the two operands
+            if a.shape[-1] <= g.shape[-1]:
+                a2, g2 = (a * cv.view(-1, 1, 1)).reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
+            else:
+                a2, g2 = a.reshape(-1, a.shape[-1]), (g * cv.view(-1, 1, 1)).reshape(-1, g.shape[-1])
+            out["weight"] = a2.t() @ g2 if self.transposed else g2.t() @ a2
         if "bias" in names:
-            out["bias"] = gc.sum((0, 1))
+            out["bias"] = cv @ g.sum(1)  # (B,) @ (B, p)
         return out
 
 

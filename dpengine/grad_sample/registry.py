@@ -72,12 +72,18 @@ class LayerHandler:
         return False
 
     def norm_sq(self, layer: nn.Module, rec: Record, names: list[str], method: NormMethod) -> dict[str, Tensor]:
-        ps = self.per_sample(layer, rec, names)
-        return {n: _sq_norm(t) for n, t in ps.items()}
+        return {n: _sq_norm(t) for n, t in self._cached_per_sample(layer, rec, names).items()}
 
     def clipped_sum(self, layer: nn.Module, rec: Record, names: list[str], c: Tensor) -> dict[str, Tensor]:
-        ps = self.per_sample(layer, rec, names)
-        return {n: weighted_sum(t, c) for n, t in ps.items()}
+        return {n: weighted_sum(t, c) for n, t in self._cached_per_sample(layer, rec, names).items()}
+
+    def _cached_per_sample(self, layer: nn.Module, rec: Record, names: list[str]) -> dict[str, Tensor]:
+        """Materialized per-sample gradients, computed once per record for the norm and the sum."""
+        cache = rec.extra.setdefault("per_sample", {})
+        missing = [n for n in names if n not in cache]
+        if missing:
+            cache.update(self.per_sample(layer, rec, missing))
+        return {n: cache[n] for n in names}
 
 
 def _sq_norm(per_sample: Tensor) -> Tensor:
