@@ -28,7 +28,8 @@ import torch
 from torch import Tensor, nn
 
 from .functorch import FALLBACK
-from .registry import LayerHandler, NormMethod, Record, direct_trainable, find_handler, weighted_sum
+from .registry import (LayerHandler, NormMethod, Record, cross_term, direct_trainable, find_handler,
+                       weighted_sum)
 
 
 class GradSampleMode(enum.Enum):
@@ -243,28 +244,36 @@ class GradSampleController:
         # mean reduction: autograd's g is (1/B) * per-sample g; scale norms and factors, not tensors.
         scale = float(batch) if self.loss_reduction is LossReduction.MEAN else 1.0
 
-        uses: dict[nn.Parameter, int] = {}
-        for tl, _ in pending:
-            for p in tl.params:
-                uses[p] = uses.get(p, 0) + 1
-        materialize_all = self.mode is GradSampleMode.HOOKS
+        uses: dict[nn.Parameter, list[tuple[TrackedLayer, Record, str]]] = {}
+        for tl, rec in pending:
+            for n, p in zip(tl.names, tl.params):
+                uses.setdefault(p, []).append((tl, rec, n))
         ref = pending[0][1].g
         sq_total = ref.new_zeros(batch, dtype=torch.promote_types(ref.dtype, torch.float32))
-        singles: list[tuple[TrackedLayer, Record, list[str]]] = []
-        shared: dict[nn.Parameter, Tensor] = {}  # summed per-sample gradients of params with several uses
-        for tl, rec in pending:
-            direct = [n for n, p in zip(tl.names, tl.params) if not materialize_all and uses[p] == 1]
-            rest = [(n, p) for n, p in zip(tl.names, tl.params) if materialize_all or uses[p] > 1]
-            if direct:
-                for t in tl.handler.norm_sq(tl.module, rec, direct, self._method(tl, rec)).values():
-                    sq_total += t
-                singles.append((tl, rec, direct))
-            if rest:
-                ps = tl.handler.per_sample(tl.module, rec, [n for n, _ in rest])
-                for n, p in rest:
-                    shared[p] = shared[p] + ps[n] if p in shared else ps[n]
-        for ps in shared.values():
-            sq_total += ps.reshape(batch, -1).pow(2).sum(1)
+        direct: dict[tuple[int, int], tuple[TrackedLayer, Record, list[str]]] = {}  # reduced by the handler
+        materialized: dict[nn.Parameter, Tensor] = {}  # summed per-sample gradients (hooks, or no factors)
+        for p, us in uses.items():
+            if self.mode is not GradSampleMode.HOOKS and len(us) > 1:
+                facs = [tl.handler.factors(tl.module, rec, n) for tl, rec, n in us]
+                if all(f is not None for f in facs):
+                    # ||sum_u G_u||^2 = sum_u ||G_u||^2 + 2 sum_{u<v} <G_u, G_v>, never materialized
+                    for i in range(len(facs)):
+                        for j in range(i):
+                            sq_total += 2 * cross_term(facs[i], facs[j])
+                    for tl, rec, n in us:
+                        direct.setdefault((id(tl), id(rec)), (tl, rec, []))[2].append(n)
+                    continue
+            if self.mode is GradSampleMode.HOOKS or len(us) > 1:
+                for tl, rec, n in us:
+                    ps = tl.handler.per_sample(tl.module, rec, [n])[n]
+                    materialized[p] = materialized[p] + ps if p in materialized else ps
+                sq_total += materialized[p].reshape(batch, -1).pow(2).sum(1)
+                continue
+            tl, rec, n = us[0]
+            direct.setdefault((id(tl), id(rec)), (tl, rec, []))[2].append(n)
+        for tl, rec, names in direct.values():
+            for t in tl.handler.norm_sq(tl.module, rec, names, self._method(tl, rec)).values():
+                sq_total += t
 
         norms = sq_total.sqrt() * scale
         if batch and not bool(torch.isfinite(norms).all()):
@@ -274,10 +283,10 @@ class GradSampleController:
         self.last_norms = norms
         c = self.clip_factors(norms) * scale  # (B,): factor per sample, times the mean-reduction scale
 
-        for tl, rec, names in singles:
+        for tl, rec, names in direct.values():
             for n, t in tl.handler.clipped_sum(tl.module, rec, names, c).items():
                 self._accumulate(tl.params[tl.names.index(n)], t)
-        for p, ps in shared.items():
+        for p, ps in materialized.items():
             self._accumulate(p, weighted_sum(ps, c))
         self.batches_accumulated += 1
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .registry import LayerHandler, NormMethod, Record, register
+from .registry import LayerHandler, NormMethod, OuterFactors, Record, register
 
 
 @register(nn.Embedding)
@@ -37,6 +37,10 @@ class EmbeddingHandler(LayerHandler):
         flat = (ids + torch.arange(b, device=ids.device).unsqueeze(1) * v).reshape(-1)
         ps = g.new_zeros(b * v, d).index_add_(0, flat, g.reshape(-1, d))
         return {"weight": ps.view(b, v, d)}
+
+    def factors(self, layer: nn.Module, rec: Record, name: str) -> OuterFactors | None:
+        ids, g = self._ids_g(layer, rec)  # padding positions have g = 0
+        return OuterFactors(ids, g)
 
     def prefers_gram(self, layer: nn.Module, rec: Record) -> bool:
         return False  # the segment sum below is exact, O(B*T*d), and never forms (B, V, d)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .registry import LayerHandler, NormMethod, Record, flatten_tokens, gram_norm_sq, register
+from .registry import LayerHandler, NormMethod, OuterFactors, Record, flatten_tokens, gram_norm_sq, register
 
 
 class _LinearLike(LayerHandler):
@@ -25,6 +25,12 @@ class _LinearLike(LayerHandler):
         if "bias" in names:
             out["bias"] = g.sum(1)
         return out
+
+    def factors(self, layer: nn.Module, rec: Record, name: str) -> OuterFactors | None:
+        if name != "weight":
+            return None
+        a, g = self._ag(rec)
+        return OuterFactors(a, g) if self.transposed else OuterFactors(g, a)
 
     def prefers_gram(self, layer: nn.Module, rec: Record) -> bool:
         t = rec.a.numel() // max(rec.a.shape[0], 1) // rec.a.shape[-1]

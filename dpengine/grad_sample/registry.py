@@ -48,10 +48,42 @@ class Record:
         return int(self.g.shape[0]) if self.g is not None else int(self.a.shape[0])
 
 
+@dataclass(frozen=True)
+class OuterFactors:
+    """A per-sample gradient in factored form: ``G_i = sum_t left[i, t] (outer) right[i, t]``, in the
+    parameter's own (rows, cols) layout. ``left`` is (B, T, rows), or (B, T) row indices (one-hot rows,
+    as for an embedding). Used for the cross terms of a parameter with several uses (tied weights)."""
+
+    left: Tensor
+    right: Tensor  # (B, T, cols)
+
+    @property
+    def indexed(self) -> bool:
+        return self.left.dim() == 2
+
+
+def _left_dot(u: OuterFactors, v: OuterFactors) -> Tensor:
+    """(B, T_u, T_v): left_u[t] . left_v[s]."""
+    if u.indexed and v.indexed:
+        return (u.left.unsqueeze(2) == v.left.unsqueeze(1)).to(u.right.dtype)
+    if u.indexed:
+        return _left_dot(v, u).transpose(1, 2)
+    if v.indexed:  # dense (B, T_u, rows) . one-hot rows x_s  ->  left_u[b, t, x_s]
+        idx = v.left.unsqueeze(1).expand(-1, u.left.shape[1], -1)
+        return torch.gather(u.left, 2, idx)
+    return torch.bmm(u.left, v.left.transpose(1, 2))
+
+
+def cross_term(u: OuterFactors, v: OuterFactors) -> Tensor:
+    """(B,) per-sample inner products <G_u, G_v> = sum_{t,s} (left_u.left_v)(right_u.right_v)."""
+    return (_left_dot(u, v) * torch.bmm(u.right, v.right.transpose(1, 2))).sum((1, 2))
+
+
 class LayerHandler:
     """Base class: a handler must implement ``per_sample``; the rest defaults to materializing.
 
-    Subclasses override ``norm_sq``/``clipped_sum`` with cheaper forms and set ``has_gram``.
+    Subclasses override ``norm_sq``/``clipped_sum`` with cheaper forms and set ``has_gram``, and
+    ``factors`` when their per-sample gradient is a sum of outer products.
     """
 
     #: True if ``norm_sq(..., NormMethod.GRAM)`` avoids materializing per-sample gradients.
@@ -66,6 +98,10 @@ class LayerHandler:
 
     def per_sample(self, layer: nn.Module, rec: Record, names: list[str]) -> dict[str, Tensor]:
         raise NotImplementedError
+
+    def factors(self, layer: nn.Module, rec: Record, name: str) -> OuterFactors | None:
+        """The factored per-sample gradient of parameter ``name``, or None if it has no such form."""
+        return None
 
     def prefers_gram(self, layer: nn.Module, rec: Record) -> bool:
         """Cost rule for the ``bk`` backend: Gram form when it needs less memory than materializing."""
