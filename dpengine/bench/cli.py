@@ -17,8 +17,9 @@ and the ratios DP / non-private and dpengine / best Opacus mode, plus an account
 Suites (configs/bench/NAME.toml, installed as dpengine.configs.bench):
   default  MLP 784-512-512-10 b256, CNN 3conv+GroupNorm 32x32 b64, GPT-like 4x256 T128 b16;
            modes nonprivate, hooks, ghost, bk, fused (CUDA only), opacus-hooks, opacus-ghost;
-           5 rounds x (3 warm-up + 10 timed steps); accounting micro-benchmark. Tens of minutes on 2 cores.
+           5 rounds x (3 warm-up + >=10 timed steps, >=3 s); accounting micro-benchmark. ~20 min on 2 cores.
   quick    the same models, smaller (b64 / b16 / b4, T 64), 2 rounds: about 3 minutes on 2 cores.
+  (any suite also takes a path: --suite my.toml; --list lists them)
   gpu      GPT-2 small shape (12 x 768, T 1024) and the default models at GPU batch sizes; CUDA.
   hf       transformers GPT2LMHeadModel from a config (random weights, nothing downloaded).
 
@@ -35,7 +36,9 @@ bench.png and RESULTS.md. Example: dpengine bench --quick --output-dir /tmp/bq
 @click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("benchmarks"),
               show_default=True, help="Where the CSV, tables, plot and RESULTS.md go.")
 @click.option("--rounds", type=click.IntRange(min=1), help="Override the suite's number of rounds.")
-@click.option("--steps", type=click.IntRange(min=1), help="Override the timed steps per round.")
+@click.option("--steps", type=click.IntRange(min=1), help="Override the (minimum) timed steps per round.")
+@click.option("--min-time", "min_time_s", type=click.FloatRange(min=0),
+              help="Override the minimum timed seconds per round (more steps until reached).")
 @click.option("--warmup", type=click.IntRange(min=0), help="Override the warm-up steps per round.")
 @click.option("--threads", type=click.IntRange(min=1), help="Override torch threads (default from the suite: 2).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Override the suite's device.")
@@ -45,7 +48,7 @@ bench.png and RESULTS.md. Example: dpengine bench --quick --output-dir /tmp/bq
 @click.option("--list", "list_suites", is_flag=True, help="List the available suites and exit.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 def bench(suite_name: str, quick: bool, output_dir: Path, rounds: int | None, steps: int | None,
-          warmup: int | None, threads: int | None, device: str | None, accounting: bool | None,
+          min_time_s: float | None, warmup: int | None, threads: int | None, device: str | None, accounting: bool | None,
           accounting_only: bool, list_suites: bool, progress: bool) -> None:
     from dpengine.bench.report import write_all
     from dpengine.bench.runner import run_suite
@@ -59,7 +62,7 @@ def bench(suite_name: str, quick: bool, output_dir: Path, rounds: int | None, st
         return
     try:
         suite = load_suite("quick" if quick else suite_name)
-        suite = suite.with_overrides(rounds=rounds, steps=steps, warmup=warmup, threads=threads, device=device)
+        suite = suite.with_overrides(rounds=rounds, steps=steps, min_time_s=min_time_s, warmup=warmup, threads=threads, device=device)
     except SuiteError as e:
         raise click.UsageError(str(e)) from None
     command = "dpengine bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 1 else "dpengine bench"

@@ -186,7 +186,8 @@ dpengine bench --rounds 7 --steps 20 --threads 2 --output-dir benchmarks
 
 Every (model, mode, batch) configuration runs in a fresh subprocess (`python -m dpengine.bench.worker
 --config JSON`), so its peak memory is its own. Rounds go round-robin over the configurations (the order
-reverses every round), each round doing `warmup` untimed then `steps` timed steps on a fixed batch.
+reverses every round), each round doing `warmup` untimed then at least `steps` timed steps (more until `min_time_s`
+of step time) on a fixed batch.
 Step time median/p20/p80 pool all timed steps of all rounds; ratios (×NP = DP / non-private of the same
 model and batch; ×best Opacus = dpengine / the fastest (or, for memory, leanest) Opacus mode) are the
 median/p20/p80 of the *per-round* ratios, so drift between rounds cancels. On CPU, peak memory is the
@@ -210,7 +211,7 @@ def results_md(raw: dict[str, Any], suite: Suite, summary: list[dict[str, Any]],
              f"- machine: {meta.get('cpu_model', '?')}, {meta.get('cores', '?')} cores; device `{meta['device']}`",
              f"- torch {meta['torch']}, triton {meta['triton']}, opacus {meta['opacus']}, python {meta['python']}",
              f"- torch threads {meta['threads']}, rounds {meta['rounds']}, warm-up {meta['warmup']} + "
-             f"{meta['steps']} timed steps per round",
+             f"≥{meta['steps']} timed steps (and ≥{meta.get('min_time_s', 0)} s of them) per round",
              ""]
     if suite.description:
         parts += [suite.description.strip(), ""]

@@ -182,7 +182,7 @@ def run_suite(suite: Suite, progress: bool = True, runner: Callable[[dict[str, A
 def make_meta(suite: Suite) -> dict[str, Any]:
     return {"timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "commit": git_commit(),
             "device": device_name(suite.device), "suite": suite.name, "rounds": suite.rounds,
-            "warmup": suite.warmup, "steps": suite.steps, "threads": suite.threads, **versions(), **cpu_info(),
+            "warmup": suite.warmup, "steps": suite.steps, "min_time_s": suite.min_time_s, "threads": suite.threads, **versions(), **cpu_info(),
             "python": platform.python_version()}
 
 

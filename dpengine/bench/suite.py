@@ -7,7 +7,9 @@ A suite file::
     description = "..."
     rounds = 5          # round-robin rounds; every (model, mode, batch) runs once per round in a fresh process
     warmup = 3          # untimed steps at the start of every round
-    steps = 10          # timed steps per round
+    steps = 10          # timed steps per round (at least)
+    min_time_s = 2.0    # ... and more until this much timed step time per round (up to max_steps)
+    max_steps = 500
     threads = 2         # torch threads (and OMP/MKL)
     device = "cpu"      # or "cuda"
     clipping = "flat"
@@ -107,6 +109,8 @@ class Suite:
     rounds: int = 3
     warmup: int = 2
     steps: int = 5
+    min_time_s: float = 0.0
+    max_steps: int = 1000
     threads: int = 2
     device: str = "cpu"
     clipping: str = "flat"
@@ -118,12 +122,14 @@ class Suite:
         _check_modes(f"suite {self.name!r}", self.modes)
         if not self.models:
             raise SuiteError(f"suite {self.name!r}: needs at least one [[model]]")
-        for key in ("rounds", "steps", "threads"):
+        for key in ("rounds", "steps", "threads", "max_steps"):
             v = getattr(self, key)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise SuiteError(f"suite {self.name!r}: {key} must be a positive integer, got {v!r}")
         if not isinstance(self.warmup, int) or self.warmup < 0:
             raise SuiteError(f"suite {self.name!r}: warmup must be a non-negative integer, got {self.warmup!r}")
+        if not isinstance(self.min_time_s, (int, float)) or self.min_time_s < 0:
+            raise SuiteError(f"suite {self.name!r}: min_time_s must be a non-negative number, got {self.min_time_s!r}")
         if self.device not in ("cpu", "cuda"):
             raise SuiteError(f"suite {self.name!r}: device must be 'cpu' or 'cuda', got {self.device!r}")
 
@@ -135,6 +141,7 @@ class Suite:
                 for mode in m.modes or self.modes:
                     out.append({"model": m.name, "params": m.params_dict, "batch": b, "mode": mode,
                                 "clipping": self.clipping, "warmup": self.warmup, "steps": self.steps,
+                                "min_time_s": self.min_time_s, "max_steps": self.max_steps,
                                 "threads": self.threads, "device": self.device, "seed": 0})
         return out
 
@@ -144,7 +151,7 @@ class Suite:
         return dataclasses.replace(self, **{k: v for k, v in kw.items() if v is not None})
 
 
-_SUITE_KEYS = {"name", "description", "rounds", "warmup", "steps", "threads", "device", "clipping", "accounting",
+_SUITE_KEYS = {"name", "description", "rounds", "warmup", "steps", "min_time_s", "max_steps", "threads", "device", "clipping", "accounting",
                "modes", "model", "target"}
 _MODEL_KEYS = {"name", "batch", "params", "modes"}
 _TARGET_KEYS = {"model", "batch", "mode", "metric", "max", "note"}
@@ -169,7 +176,7 @@ def parse_suite(data: dict[str, Any], default_name: str = "suite") -> Suite:
             targets.append(Target(**t))
         except TypeError as e:
             raise SuiteError(f"suite {name!r}, [[target]]: {e}") from None
-    kw = {k: data[k] for k in ("rounds", "warmup", "steps", "threads", "device", "clipping", "accounting",
+    kw = {k: data[k] for k in ("rounds", "warmup", "steps", "min_time_s", "max_steps", "threads", "device", "clipping", "accounting",
                                "description") if k in data}
     if "modes" in data:
         kw["modes"] = tuple(data["modes"])

@@ -2,8 +2,8 @@
 
     python -m dpengine.bench.worker --config '{"model": "mlp", "mode": "bk", "batch": 256, ...}'
 
-Keys: model, params, mode, batch, clipping, warmup, steps, threads, device, seed, noise_multiplier,
-max_grad_norm. Output: {"status": "ok", "step_times": [...], "baseline_rss_mb", "prestep_rss_mb",
+Keys: model, params, mode, batch, clipping, warmup, steps (at least), min_time_s (keep timing until
+this much step time is collected, up to max_steps), threads, device, seed, noise_multiplier, max_grad_norm. Output: {"status": "ok", "step_times": [...], "baseline_rss_mb", "prestep_rss_mb",
 "peak_mem_mb", ...} or {"status": "error: ..."}; the process always exits 0 once it could print.
 
 Memory on CPU: ``baseline_rss_mb`` is the RSS after imports and before the model is built (what every
@@ -126,8 +126,10 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats()
     for _ in range(int(cfg.get("warmup", 2))):
         step()
-    times = []
-    for _ in range(int(cfg.get("steps", 5))):
+    # At least `steps` timed steps; more while under `min_time_s` (so fast steps get a stable median).
+    times: list[float] = []
+    n_min, min_time, n_max = int(cfg.get("steps", 5)), float(cfg.get("min_time_s", 0.0)), int(cfg.get("max_steps", 1000))
+    while len(times) < n_min or (sum(times) < min_time and len(times) < n_max):
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
