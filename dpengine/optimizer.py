@@ -80,9 +80,15 @@ class DPOptimizer(Optimizer):
     def _privatize(self) -> None:
         sums = self.controller.pop_clipped_sums()
         std = self.noise_multiplier * self.sensitivity
+        tracked = self.controller.param_ids
         for p in self.params:
             if not p.requires_grad:
                 continue
+            if id(p) not in tracked:
+                raise RuntimeError(
+                    "The optimizer holds a trainable parameter whose per-sample gradients are not tracked (it was "
+                    "frozen at make_private time, or added to the optimizer later). Freeze it again, or call "
+                    "make_private after setting requires_grad on every parameter you want to train.")
             grad = sums.get(p)
             if grad is None:  # no sample touched it (e.g. an empty Poisson batch): noise only
                 grad = torch.zeros_like(p)

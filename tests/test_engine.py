@@ -297,3 +297,15 @@ def test_running_statistics_and_mha_are_reported():
     problems = dpengine.validate(model)
     assert [p.layer for p in problems] == ["InstanceNorm1d", "MultiheadAttention"]
     assert "track_running_stats=False" in str(problems[0])
+
+
+def test_parameter_unfrozen_after_make_private_is_refused():
+    model = _mlp()
+    model[0].weight.requires_grad_(False)
+    _, opt, dl = PrivacyEngine().make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                              data_loader=_loader(), noise_multiplier=1.0, max_grad_norm=1.0)
+    model[0].weight.requires_grad_(True)
+    x, y = next(iter(dl))
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="not tracked"):
+        opt.step()

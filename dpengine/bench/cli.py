@@ -45,11 +45,13 @@ bench.png and RESULTS.md. Example: dpengine bench --quick --output-dir /tmp/bq
 @click.option("--accounting/--no-accounting", default=None,
               help="Include (or not) the accounting micro-benchmark; default: as the suite says.")
 @click.option("--accounting-only", is_flag=True, help="Run only the accounting micro-benchmark.")
+@click.option("--rebuild-report", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="Rebuild the table, plot and RESULTS.md in --output-dir from a results.json (no run).")
 @click.option("--list", "list_suites", is_flag=True, help="List the available suites and exit.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 def bench(suite_name: str, quick: bool, output_dir: Path, rounds: int | None, steps: int | None,
           min_time_s: float | None, warmup: int | None, threads: int | None, device: str | None, accounting: bool | None,
-          accounting_only: bool, list_suites: bool, progress: bool) -> None:
+          accounting_only: bool, rebuild_report: Path | None, list_suites: bool, progress: bool) -> None:
     from dpengine.bench.report import write_all
     from dpengine.bench.runner import run_suite
     from dpengine.bench.suite import SuiteError, available_suites, load_suite
@@ -67,6 +69,18 @@ def bench(suite_name: str, quick: bool, output_dir: Path, rounds: int | None, st
         raise click.UsageError(str(e)) from None
     command = "dpengine bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 1 else "dpengine bench"
     t0 = time.perf_counter()
+    if rebuild_report is not None:
+        from dpengine.bench.report import load_raw
+
+        raw = load_raw(rebuild_report)
+        if "suite" in raw["meta"] and not quick and suite_name == "default":
+            try:
+                suite = load_suite(raw["meta"]["suite"])
+            except SuiteError:
+                pass
+        paths = write_all(raw, suite, output_dir, command, rebuild=True)
+        click.echo("rebuilt " + ", ".join(str(p) for p in paths.values()))
+        return
     if accounting_only:
         import dataclasses
 

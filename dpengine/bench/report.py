@@ -38,7 +38,8 @@ def write_json(raw: dict[str, Any], summary: list[dict[str, Any]], path: Path) -
             return [clean(v) for v in x]
         return x
 
-    path.write_text(json.dumps(clean({"meta": raw["meta"], "notes": raw["notes"], "summary": summary,
+    path.write_text(json.dumps(clean({"meta": raw["meta"], "command": raw.get("command", ""), "notes": raw["notes"],
+                                      "summary": summary,
                                       "accounting": raw.get("accounting", []), "raw": raw["configs"]}), indent=1))
 
 
@@ -84,9 +85,16 @@ def main_table(summary: list[dict[str, Any]]) -> tuple[list[str], list[list[str]
 
 
 def accounting_table(acc: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    head = ["task", "provider", "median ms", "p20 ms", "p80 ms"]
+    head = ["task", "provider", "median ms", "p20 ms", "p80 ms", "result"]
+
+    def result(a: dict[str, Any]) -> str:
+        for k in ("epsilon", "noise_multiplier"):
+            if k in a:
+                return f"{k} {_f(a[k], '{:.5g}')}"
+        return str(a.get("note", ""))
+
     rows = [[str(a.get("task", "")), str(a.get("provider", "")), _f(a.get("median_s", math.nan) * 1e3),
-             _f(a.get("p20_s", math.nan) * 1e3), _f(a.get("p80_s", math.nan) * 1e3)] for a in acc]
+             _f(a.get("p20_s", math.nan) * 1e3), _f(a.get("p80_s", math.nan) * 1e3), result(a)] for a in acc]
     return head, rows
 
 
@@ -128,7 +136,7 @@ def print_tables(tables: list[tuple[str, list[str], list[list[str]]]]) -> None:
 
 
 def plot(summary: list[dict[str, Any]], path: Path, title: str = "") -> None:
-    """Three panels: throughput per mode per model (log), step-time and peak-memory overhead vs non-private."""
+    """Three panels: throughput per mode per model (log), step-time (log) and peak-memory overhead vs non-private."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -137,7 +145,7 @@ def plot(summary: list[dict[str, Any]], path: Path, title: str = "") -> None:
     groups = sorted({(_model_label(s), s["batch"]) for s in summary})
     modes = [m for m in MODE_ORDER if any(s["mode"] == m and s["metrics"] for s in summary)]
     fig, axes = plt.subplots(1, 3, figsize=(6 + 2.2 * max(len(groups), 1) * 1.5, 4.5))
-    panels = [("samples_per_s", "samples / s (log)", True), ("time_ratio_vs_nonprivate", "step time × non-private", False),
+    panels = [("samples_per_s", "samples / s (log)", True), ("time_ratio_vs_nonprivate", "step time × non-private (log)", True),
               ("mem_ratio_vs_nonprivate", "peak memory × non-private", False)]
     width = 0.8 / max(len(modes), 1)
     for ax, (metric, label, log) in zip(axes, panels):
@@ -153,13 +161,14 @@ def plot(summary: list[dict[str, Any]], path: Path, title: str = "") -> None:
                     lo.append(max(med - min(p20, p80), 0))
                     hi.append(max(max(p20, p80) - med, 0))
             if xs:
-                ax.bar(xs, ys, width, yerr=[lo, hi], label=mode, capsize=2)
+                ax.bar(xs, ys, width, yerr=[lo, hi], label=mode, capsize=2,
+                       color=plt.get_cmap("tab10")(MODE_ORDER.index(mode) % 10))
         ax.set_xticks(range(len(groups)))
         ax.set_xticklabels([f"{lab}\nb={b}" for lab, b in groups], fontsize=7)
         ax.set_ylabel(label)
         if log:
             ax.set_yscale("log")
-        else:
+        if metric != "samples_per_s":
             ax.axhline(1.0, color="k", lw=0.8, ls="--")
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=7)
@@ -228,16 +237,41 @@ def results_md(raw: dict[str, Any], suite: Suite, summary: list[dict[str, Any]],
     return "\n".join(parts)
 
 
-def write_all(raw: dict[str, Any], suite: Suite, out_dir: Path, command: str, echo: bool = True) -> dict[str, Path]:
-    """Write CSV (append), JSON, markdown table, plot and RESULTS.md into ``out_dir``; print the tables."""
+def load_raw(path: Path) -> dict[str, Any]:
+    """The raw run back from a ``results.json`` written by :func:`write_json`."""
+    d = json.loads(path.read_text())
+
+    def nan(x: Any) -> Any:
+        if x is None:
+            return math.nan
+        if isinstance(x, dict):
+            return {k: nan(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [nan(v) for v in x]
+        return x
+
+    return {"meta": d["meta"], "configs": nan(d["raw"]), "accounting": nan(d.get("accounting", [])),
+            "notes": d.get("notes", []), "command": d.get("command", "")}
+
+
+def write_all(raw: dict[str, Any], suite: Suite, out_dir: Path, command: str, echo: bool = True,
+              rebuild: bool = False) -> dict[str, Path]:
+    """Write CSV (append), JSON, markdown table, plot and RESULTS.md into ``out_dir``; print the tables.
+    With ``rebuild`` (a run loaded back from results.json), only the table, plot and RESULTS.md."""
     from dpengine.bench.runner import summarize, to_rows
 
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = summarize(raw)
     paths = {"csv": out_dir / "results.csv", "json": out_dir / "results.json", "table": out_dir / "results_table.md",
              "plot": out_dir / "bench.png", "results": out_dir / "RESULTS.md"}
-    write_csv(to_rows(raw, summary), paths["csv"])
-    write_json(raw, summary, paths["json"])
+    if rebuild:
+        command = raw.get("command") or command
+        paths.pop("csv")
+        paths.pop("json")
+    else:
+        raw["command"] = command
+        write_csv(to_rows(raw, summary), paths["csv"])
+        write_json(raw, summary, paths["json"])
     tables = [("Targets", *targets_table(suite, summary))] if suite.targets else []
     if summary:
         tables.append((f"dpengine bench — {suite.name}", *main_table(summary)))

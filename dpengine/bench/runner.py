@@ -281,8 +281,10 @@ def to_rows(raw: dict[str, Any], summary: list[dict[str, Any]] | None = None) ->
         for metric, (med, p20, p80, n) in s["metrics"].items():
             rows.append({**common, "metric": metric, "median": med, "p20": p20, "p80": p80, "n": n, "status": "ok"})
     for a in raw.get("accounting", []):
+        timed = "median_s" in a
         rows.append({**base, "model": a.get("task", ""), "params": "", "mode": a.get("provider", ""),
-                     "clipping": "", "batch": "", "metric": "accounting_time_s", "median": a.get("median_s", math.nan),
-                     "p20": a.get("p20_s", math.nan), "p80": a.get("p80_s", math.nan), "n": a.get("repeats", ""),
-                     "status": a.get("status", "ok")})
+                     "clipping": "", "batch": "", "metric": "accounting_time_s" if timed else "status",
+                     "median": a.get("median_s", math.nan), "p20": a.get("p20_s", math.nan),
+                     "p80": a.get("p80_s", math.nan), "n": a.get("repeats", ""),
+                     "status": "ok" if timed else str(a.get("note", a.get("status", "error: no timing")))})
     return rows

@@ -139,6 +139,7 @@ class GradSampleController:
             handler = find_handler(layer) or FALLBACK
             self.layers.append(TrackedLayer(name, layer, handler, [n for n, _ in trainable], [p for _, p in trainable]))
         self.params: list[nn.Parameter] = list({id(p): p for tl in self.layers for p in tl.params}.values())
+        self.param_ids = frozenset(id(p) for p in self.params)
         self._anchor = torch.zeros((), requires_grad=True)
         self._pending: list[tuple[TrackedLayer, Record]] = []
         self._queued_for: int | None = None

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .registry import LayerHandler, NormMethod, Record, register
+from .registry import LayerHandler, NormMethod, Record, register, weighted_sum
 
 
 def _pad_input(layer: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
@@ -34,7 +34,8 @@ def _pad_input(layer: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
 
 
 def unfold_nd(layer: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
-    """(B, C, *spatial) -> (B, L, C*K) patches, K = prod(kernel_size), L = prod(output spatial)."""
+    """(B, C, *spatial) -> (B, G, L, C/G*K) patches per group, one copy; K = prod(kernel_size),
+    L = prod(output spatial), G = groups."""
     nd = len(layer.kernel_size)
     x = _pad_input(layer, x)
     for i in range(nd):
@@ -42,25 +43,30 @@ def unfold_nd(layer: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
         x = x.unfold(2 + i, d * (k - 1) + 1, s)  # appends a window dimension
         if d > 1:
             x = x[..., ::d]
-    # x: (B, C, L1..Ln, K1..Kn)
+    # x: (B, C, L1..Ln, K1..Kn) -> (B, G, C/G, L1..Ln, K1..Kn) -> (B, G, L1..Ln, C/G, K1..Kn)
     b, c = x.shape[:2]
-    perm = [0] + list(range(2, 2 + nd)) + [1] + list(range(2 + nd, 2 + 2 * nd))
-    return x.permute(perm).reshape(b, -1, c * math.prod(layer.kernel_size))
+    gr = layer.groups
+    x = x.reshape(b, gr, c // gr, *x.shape[2:])
+    perm = [0, 1] + list(range(3, 3 + nd)) + [2] + list(range(3 + nd, 3 + 2 * nd))
+    return x.permute(perm).reshape(b, gr, -1, c // gr * math.prod(layer.kernel_size))
 
 
 @register(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 class ConvHandler(LayerHandler):
+    """Norms from the unfolded input; the clipped sum from oneDNN's own weight-gradient kernel
+    (``convolution_backward`` with the factors folded into g), i.e. at the cost of the ordinary
+    weight gradient that autograd no longer computes."""
+
     has_gram = True
 
     def _ag(self, layer: nn.Module, rec: Record) -> tuple[Tensor, Tensor]:
-        """Unfolded input (B, G, L, C/G*K) and gradient (B, G, L, O/G); cached on the record."""
+        """Unfolded input (B, G, L, C/G*K) and gradient (B, G, O/G, L); cached on the record."""
         if "ag" not in rec.extra:
-            gr = layer.groups
-            g = rec.g.reshape(rec.g.shape[0], gr, layer.out_channels // gr, -1).transpose(2, 3)
-            a = unfold_nd(layer, rec.a)  # (B, L, C*K)
-            if a.shape[1] != g.shape[2]:
-                raise RuntimeError(f"internal: unfolded {a.shape[1]} positions but output has {g.shape[2]}")
-            a = a.reshape(a.shape[0], a.shape[1], gr, -1).transpose(1, 2)
+            b, gr = rec.g.shape[0], layer.groups
+            g = rec.g.reshape(b, gr, layer.out_channels // gr, -1)
+            a = unfold_nd(layer, rec.a)
+            if a.shape[2] != g.shape[3]:
+                raise RuntimeError(f"internal: unfolded {a.shape[2]} positions but output has {g.shape[3]}")
             rec.extra["ag"] = (a, g)
         return rec.extra["ag"]
 
@@ -68,7 +74,7 @@ class ConvHandler(LayerHandler):
         out: dict[str, Tensor] = {}
         if "weight" in names:
             a, g = self._ag(layer, rec)
-            out["weight"] = torch.einsum("bglo,bglc->bgoc", g, a).reshape(g.shape[0], *layer.weight.shape)
+            out["weight"] = torch.matmul(g, a).reshape(g.shape[0], *layer.weight.shape)  # (B, G, O/G, C/G*K)
         if "bias" in names:
             out["bias"] = rec.g.reshape(rec.g.shape[0], rec.g.shape[1], -1).sum(2)
         return out
@@ -82,12 +88,13 @@ class ConvHandler(LayerHandler):
     def norm_sq(self, layer: nn.Module, rec: Record, names: list[str], method: NormMethod) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
         if "weight" in names:
-            a, g = self._ag(layer, rec)
             if method is NormMethod.GRAM:
-                aa = a @ a.transpose(2, 3)  # (B, G, L, L)
-                out["weight"] = (aa * (g @ g.transpose(2, 3))).sum((1, 2, 3))
+                a, g = self._ag(layer, rec)
+                aa = a @ a.transpose(-1, -2)  # (B, G, L, L)
+                out["weight"] = (aa * (g.transpose(-1, -2) @ g)).sum((1, 2, 3))
             else:
-                out["weight"] = torch.einsum("bglo,bglc->bgoc", g, a).pow(2).sum((1, 2, 3))
+                ps = self._cached_per_sample(layer, rec, ["weight"])["weight"]
+                out["weight"] = ps.reshape(ps.shape[0], -1).pow(2).sum(1)
         if "bias" in names:
             out["bias"] = rec.g.reshape(rec.g.shape[0], rec.g.shape[1], -1).sum(2).pow(2).sum(1)
         return out
@@ -95,14 +102,16 @@ class ConvHandler(LayerHandler):
     def clipped_sum(self, layer: nn.Module, rec: Record, names: list[str], c: Tensor) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
         cv = c.to(rec.g.dtype)
+        cached = rec.extra.get("per_sample", {})
         if "weight" in names:
-            a, g = self._ag(layer, rec)
-            gc = g * cv.view(-1, 1, 1, 1)
-            b, gr, length = a.shape[:3]
-            # one (batched over groups) GEMM: (G, O/G, B*L) @ (G, B*L, C/G*K)
-            g2 = gc.transpose(0, 1).reshape(gr, b * length, -1)
-            a2 = a.transpose(0, 1).reshape(gr, b * length, -1)
-            out["weight"] = (g2.transpose(1, 2) @ a2).reshape(layer.weight.shape)
+            if "weight" in cached:  # materialized for the norm: the sum is a cheap weighted sum
+                out["weight"] = weighted_sum(cached["weight"], cv)
+            else:
+                nd = len(layer.kernel_size)
+                gc = rec.g * cv.view(-1, *([1] * (rec.g.dim() - 1)))
+                out["weight"] = torch.ops.aten.convolution_backward(
+                    gc, _pad_input(layer, rec.a), layer.weight, None, list(layer.stride), [0] * nd,
+                    list(layer.dilation), False, [0] * nd, layer.groups, [False, True, False])[1]
         if "bias" in names:
             out["bias"] = cv @ rec.g.reshape(rec.g.shape[0], rec.g.shape[1], -1).sum(2)
         return out

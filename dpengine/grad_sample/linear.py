@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .registry import LayerHandler, NormMethod, OuterFactors, Record, flatten_tokens, gram_norm_sq, register
+from .registry import (LayerHandler, NormMethod, OuterFactors, Record, flatten_tokens, gram_norm_sq, register,
+                       weighted_sum)
 
 
 class _LinearLike(LayerHandler):
@@ -43,8 +44,9 @@ class _LinearLike(LayerHandler):
         if "weight" in names:
             if method is NormMethod.GRAM or a.shape[1] == 1:
                 out["weight"] = gram_norm_sq(a, g)
-            else:
-                out["weight"] = torch.einsum("btp,btd->bpd", g, a).pow(2).sum((1, 2))
+            else:  # materialized once; the clipped sum then reuses it (a weighted sum, no GEMM)
+                ps = self._cached_per_sample(layer, rec, ["weight"])["weight"]
+                out["weight"] = ps.reshape(ps.shape[0], -1).pow(2).sum(1)
         if "bias" in names:
             out["bias"] = g.sum(1).pow(2).sum(1)
         return out
@@ -53,7 +55,9 @@ class _LinearLike(LayerHandler):
         a, g = self._ag(rec)
         cv = c.to(g.dtype)
         out: dict[str, Tensor] = {}
-        if "weight" in names:
+        if "weight" in names and "weight" in rec.extra.get("per_sample", {}):
+            out["weight"] = weighted_sum(rec.extra["per_sample"]["weight"], cv)
+        elif "weight" in names:
             # book-keeping: sum_i c_i g_i^T a_i is one GEMM once the factors are folded into the
             # smaller of the two operands
             if a.shape[-1] <= g.shape[-1]:
