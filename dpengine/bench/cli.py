@@ -17,11 +17,12 @@ and the ratios DP / non-private and dpengine / best Opacus mode, plus an account
 Suites (configs/bench/NAME.toml, installed as dpengine.configs.bench):
   default  MLP 784-512-512-10 b256, CNN 3conv+GroupNorm 32x32 b64, GPT-like 4x256 T128 b16;
            modes nonprivate, hooks, ghost, bk, fused (CUDA only), opacus-hooks, opacus-ghost;
-           5 rounds x (3 warm-up + >=10 timed steps, >=3 s); accounting micro-benchmark. ~20 min on 2 cores.
+           5 rounds x (3 warm-up + >=10 timed steps, >=3 s); accounting micro-benchmark.
+           About 30-50 minutes on 2 cores (use --rounds 2 --min-time 1 for ~15).
   quick    the same models, smaller (b64 / b16 / b4, T 64), 2 rounds: about 3 minutes on 2 cores.
-  (any suite also takes a path: --suite my.toml; --list lists them)
   gpu      GPT-2 small shape (12 x 768, T 1024) and the default models at GPU batch sizes; CUDA.
   hf       transformers GPT2LMHeadModel from a config (random weights, nothing downloaded).
+  (--suite also takes a path to a .toml file; --list lists the suites)
 
 \b
 Writes into --output-dir: results.csv (long format, appended), results.json, results_table.md,
