@@ -79,8 +79,8 @@ class DPOptimizer(Optimizer):
     @torch.no_grad()
     def _privatize(self) -> None:
         sums = self.controller.pop_clipped_sums()
-        std = self.noise_multiplier * self.sensitivity
         tracked = self.controller.param_ids
+        grads: list[tuple[nn.Parameter, torch.Tensor]] = []
         for p in self.params:
             if not p.requires_grad:
                 continue
@@ -92,7 +92,10 @@ class DPOptimizer(Optimizer):
             grad = sums.get(p)
             if grad is None:  # no sample touched it (e.g. an empty Poisson batch): noise only
                 grad = torch.zeros_like(p)
-            self.noise.add_to(grad, std)  # the sum is ours (engine-owned buffer): noise in place
+            grads.append((p, grad.contiguous()))
+        # the sums are engine-owned buffers: noise goes in place, added once per logical step
+        self.noise.add_([g for _, g in grads], self.noise_multiplier * self.sensitivity)
+        for p, grad in grads:
             if self.loss_reduction is LossReduction.MEAN:
                 grad.div_(self.expected_batch_size)
             p.grad = grad

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .functorch import FALLBACK
-from .registry import (LayerHandler, NormMethod, Record, cross_term, direct_trainable, find_handler,
+from .registry import (LayerHandler, NormMethod, Record, cross_term, direct_trainable, find_handler, row_sq,
                        weighted_sum)
 
 
@@ -268,7 +268,7 @@ class GradSampleController:
                 for tl, rec, n in us:
                     ps = tl.handler.per_sample(tl.module, rec, [n])[n]
                     materialized[p] = materialized[p] + ps if p in materialized else ps
-                sq_total += materialized[p].reshape(batch, -1).pow(2).sum(1)
+                sq_total += row_sq(materialized[p])
                 continue
             tl, rec, n = us[0]
             direct.setdefault((id(tl), id(rec)), (tl, rec, []))[2].append(n)

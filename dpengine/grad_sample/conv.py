@@ -1,7 +1,7 @@
 """nn.Conv1d/2d/3d through an N-d unfold (stride, padding incl. 'same' and non-zero modes, dilation, groups).
 
-With the input unfolded to patches ``A`` of shape (B, G, L, C/G*K) and the output gradient ``g`` as
-(B, G, L, O/G), a convolution is a grouped linear layer over L = prod(output spatial) positions, so the
+With the input unfolded to patches ``A`` of shape (B, G, C/G*K, L) and the output gradient ``g`` as
+(B, G, O/G, L), a convolution is a grouped linear layer over L = prod(output spatial) positions, so the
 linear-layer identities carry over per group.
 """
 
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .registry import LayerHandler, NormMethod, Record, register, weighted_sum
+from .registry import LayerHandler, NormMethod, Record, register, row_sq, weighted_sum
 
 
 def _pad_input(layer: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
@@ -34,21 +34,26 @@ def _pad_input(layer: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
 
 
 def unfold_nd(layer: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
-    """(B, C, *spatial) -> (B, G, L, C/G*K) patches per group, one copy; K = prod(kernel_size),
-    L = prod(output spatial), G = groups."""
+    """(B, C, *spatial) -> (B, G, C/G*K, L) patches per group; K = prod(kernel_size), L = prod(output
+    spatial), G = groups. 1-D and 2-D use ``F.unfold`` (im2col); 3-D strided windows, one copy."""
     nd = len(layer.kernel_size)
     x = _pad_input(layer, x)
+    b, c, gr = x.shape[0], x.shape[1], layer.groups
+    if nd <= 2:
+        if nd == 1:
+            x = x.unsqueeze(2)
+        k, d, s = ((1,) * (2 - nd) + tuple(v) for v in (layer.kernel_size, layer.dilation, layer.stride))
+        cols = F.unfold(x, kernel_size=k, dilation=d, stride=s)  # (B, C*K, L), channel-major
+        return cols.view(b, gr, -1, cols.shape[-1])
     for i in range(nd):
         k, d, s = layer.kernel_size[i], layer.dilation[i], layer.stride[i]
         x = x.unfold(2 + i, d * (k - 1) + 1, s)  # appends a window dimension
         if d > 1:
             x = x[..., ::d]
-    # x: (B, C, L1..Ln, K1..Kn) -> (B, G, C/G, L1..Ln, K1..Kn) -> (B, G, L1..Ln, C/G, K1..Kn)
-    b, c = x.shape[:2]
-    gr = layer.groups
+    # x: (B, C, L1..Ln, K1..Kn) -> (B, G, C/G, K1..Kn, L1..Ln)
     x = x.reshape(b, gr, c // gr, *x.shape[2:])
-    perm = [0, 1] + list(range(3, 3 + nd)) + [2] + list(range(3 + nd, 3 + 2 * nd))
-    return x.permute(perm).reshape(b, gr, -1, c // gr * math.prod(layer.kernel_size))
+    perm = [0, 1, 2] + list(range(3 + nd, 3 + 2 * nd)) + list(range(3, 3 + nd))
+    return x.permute(perm).reshape(b, gr, c // gr * math.prod(layer.kernel_size), -1)
 
 
 @register(nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -60,13 +65,13 @@ class ConvHandler(LayerHandler):
     has_gram = True
 
     def _ag(self, layer: nn.Module, rec: Record) -> tuple[Tensor, Tensor]:
-        """Unfolded input (B, G, L, C/G*K) and gradient (B, G, O/G, L); cached on the record."""
+        """Unfolded input (B, G, C/G*K, L) and gradient (B, G, O/G, L); cached on the record."""
         if "ag" not in rec.extra:
             b, gr = rec.g.shape[0], layer.groups
             g = rec.g.reshape(b, gr, layer.out_channels // gr, -1)
             a = unfold_nd(layer, rec.a)
-            if a.shape[2] != g.shape[3]:
-                raise RuntimeError(f"internal: unfolded {a.shape[2]} positions but output has {g.shape[3]}")
+            if a.shape[3] != g.shape[3]:
+                raise RuntimeError(f"internal: unfolded {a.shape[3]} positions but output has {g.shape[3]}")
             rec.extra["ag"] = (a, g)
         return rec.extra["ag"]
 
@@ -74,7 +79,7 @@ class ConvHandler(LayerHandler):
         out: dict[str, Tensor] = {}
         if "weight" in names:
             a, g = self._ag(layer, rec)
-            out["weight"] = torch.matmul(g, a).reshape(g.shape[0], *layer.weight.shape)  # (B, G, O/G, C/G*K)
+            out["weight"] = torch.matmul(g, a.transpose(-1, -2)).reshape(g.shape[0], *layer.weight.shape)
         if "bias" in names:
             out["bias"] = rec.g.reshape(rec.g.shape[0], rec.g.shape[1], -1).sum(2)
         return out
@@ -90,13 +95,13 @@ class ConvHandler(LayerHandler):
         if "weight" in names:
             if method is NormMethod.GRAM:
                 a, g = self._ag(layer, rec)
-                aa = a @ a.transpose(-1, -2)  # (B, G, L, L)
+                aa = a.transpose(-1, -2) @ a  # (B, G, L, L)
                 out["weight"] = (aa * (g.transpose(-1, -2) @ g)).sum((1, 2, 3))
             else:
                 ps = self._cached_per_sample(layer, rec, ["weight"])["weight"]
-                out["weight"] = ps.reshape(ps.shape[0], -1).pow(2).sum(1)
+                out["weight"] = row_sq(ps)
         if "bias" in names:
-            out["bias"] = rec.g.reshape(rec.g.shape[0], rec.g.shape[1], -1).sum(2).pow(2).sum(1)
+            out["bias"] = row_sq(rec.g.reshape(rec.g.shape[0], rec.g.shape[1], -1).sum(2))
         return out
 
     def clipped_sum(self, layer: nn.Module, rec: Record, names: list[str], c: Tensor) -> dict[str, Tensor]:

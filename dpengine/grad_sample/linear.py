@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from .registry import (LayerHandler, NormMethod, OuterFactors, Record, flatten_tokens, gram_norm_sq, register,
-                       weighted_sum)
+                       row_sq, weighted_sum)
 
 
 class _LinearLike(LayerHandler):
@@ -24,7 +24,7 @@ class _LinearLike(LayerHandler):
             eq = "btp,btd->bdp" if self.transposed else "btp,btd->bpd"
             out["weight"] = torch.einsum(eq, g, a)
         if "bias" in names:
-            out["bias"] = g.sum(1)
+            out["bias"] = _token_sum(g)
         return out
 
     def factors(self, layer: nn.Module, rec: Record, name: str) -> OuterFactors | None:
@@ -42,13 +42,14 @@ class _LinearLike(LayerHandler):
         a, g = self._ag(rec)
         out: dict[str, Tensor] = {}
         if "weight" in names:
-            if method is NormMethod.GRAM or a.shape[1] == 1:
+            if a.shape[1] == 1:  # one token: ||g a^T|| = ||g|| ||a||
+                out["weight"] = row_sq(a) * row_sq(g)
+            elif method is NormMethod.GRAM:
                 out["weight"] = gram_norm_sq(a, g)
             else:  # materialized once; the clipped sum then reuses it (a weighted sum, no GEMM)
-                ps = self._cached_per_sample(layer, rec, ["weight"])["weight"]
-                out["weight"] = ps.reshape(ps.shape[0], -1).pow(2).sum(1)
+                out["weight"] = row_sq(self._cached_per_sample(layer, rec, ["weight"])["weight"])
         if "bias" in names:
-            out["bias"] = g.sum(1).pow(2).sum(1)
+            out["bias"] = row_sq(_token_sum(g))
         return out
 
     def clipped_sum(self, layer: nn.Module, rec: Record, names: list[str], c: Tensor) -> dict[str, Tensor]:
@@ -66,8 +67,13 @@ class _LinearLike(LayerHandler):
                 a2, g2 = a.reshape(-1, a.shape[-1]), (g * cv.view(-1, 1, 1)).reshape(-1, g.shape[-1])
             out["weight"] = a2.t() @ g2 if self.transposed else g2.t() @ a2
         if "bias" in names:
-            out["bias"] = cv @ g.sum(1)  # (B,) @ (B, p)
+            out["bias"] = cv @ _token_sum(g)  # (B,) @ (B, p)
         return out
+
+
+def _token_sum(g: Tensor) -> Tensor:
+    """(B, T, p) -> (B, p)."""
+    return g[:, 0] if g.shape[1] == 1 else g.sum(1)
 
 
 @register(nn.Linear)
