@@ -8,6 +8,7 @@ linear-layer identities carry over per group.
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +57,10 @@ def unfold_nd(layer: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
     return x.permute(perm).reshape(b, gr, c // gr * math.prod(layer.kernel_size), -1)
 
 
+#: per-sample implementation chosen per (shape, dtype, device): "grouped" or "im2col"
+_IMPL: dict[tuple, str] = {}
+
+
 @register(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 class ConvHandler(LayerHandler):
     """Norms from the unfolded input; the clipped sum from oneDNN's own weight-gradient kernel
@@ -75,11 +80,50 @@ class ConvHandler(LayerHandler):
             rec.extra["ag"] = (a, g)
         return rec.extra["ag"]
 
+    def _ps_im2col(self, layer: nn.Module, rec: Record) -> Tensor:
+        a, g = self._ag(layer, rec)
+        return torch.matmul(g, a.transpose(-1, -2)).reshape(g.shape[0], *layer.weight.shape)
+
+    @staticmethod
+    def _ps_grouped(layer: nn.Module, rec: Record) -> Tensor:
+        """Per-sample weight gradients from the backend's grouped weight-gradient kernel: the batch is
+        folded into the channels (one sample per group), so no im2col copy is made."""
+        x = _pad_input(layer, rec.a)
+        b, nd = x.shape[0], len(layer.kernel_size)
+        w = layer.weight
+        w_shape = torch.empty((b * w.shape[0], *w.shape[1:]), device=w.device, dtype=rec.g.dtype)  # shape only
+        gw = torch.ops.aten.convolution_backward(
+            rec.g.reshape(1, -1, *rec.g.shape[2:]), x.reshape(1, -1, *x.shape[2:]), w_shape, None,
+            list(layer.stride), [0] * nd, list(layer.dilation), False, [0] * nd, b * layer.groups,
+            [False, True, False])[1]
+        return gw.view(b, *w.shape)
+
+    def _ps_weight(self, layer: nn.Module, rec: Record) -> Tensor:
+        """Per-sample weight gradients by whichever exact implementation was faster for this shape on
+        this device (measured once per shape and cached)."""
+        key = (tuple(layer.weight.shape), tuple(rec.a.shape), layer.stride, layer.dilation, layer.groups,
+               str(layer.padding), layer.padding_mode, rec.a.dtype, str(rec.a.device))
+        impl = _IMPL.get(key)
+        if impl is None:
+            best = None
+            for name, fn in (("grouped", self._ps_grouped), ("im2col", self._ps_im2col)):
+                fn(layer, rec)  # warm-up (one-time backend set-up)
+                rec.extra.pop("ag", None)
+                start = time.perf_counter()
+                fn(layer, rec)
+                if rec.a.is_cuda:
+                    torch.cuda.synchronize(rec.a.device)
+                elapsed = time.perf_counter() - start
+                rec.extra.pop("ag", None)
+                if best is None or elapsed < best[0]:
+                    best = (elapsed, name)
+            impl = _IMPL[key] = best[1]
+        return self._ps_grouped(layer, rec) if impl == "grouped" else self._ps_im2col(layer, rec)
+
     def per_sample(self, layer: nn.Module, rec: Record, names: list[str]) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
         if "weight" in names:
-            a, g = self._ag(layer, rec)
-            out["weight"] = torch.matmul(g, a.transpose(-1, -2)).reshape(g.shape[0], *layer.weight.shape)
+            out["weight"] = self._ps_weight(layer, rec)
         if "bias" in names:
             out["bias"] = rec.g.reshape(rec.g.shape[0], rec.g.shape[1], -1).sum(2)
         return out
