@@ -53,6 +53,7 @@ class DPOptimizer(Optimizer):
         self.expected_batch_size = float(expected_batch_size)
         self.sample_rate = float(sample_rate)
         self.loss_reduction = loss_reduction
+        controller.output_scale = 1.0 / self.expected_batch_size if loss_reduction is LossReduction.MEAN else 1.0
         self.noise = noise
         self.accountant = accountant
         self._skip_next = False
@@ -94,10 +95,10 @@ class DPOptimizer(Optimizer):
                 grad = torch.zeros_like(p)
             grads.append((p, grad.contiguous()))
         # the sums are engine-owned buffers: noise goes in place, added once per logical step
-        self.noise.add_([g for _, g in grads], self.noise_multiplier * self.sensitivity)
+        # the clipped sums already carry the 1 / expected batch size of a mean reduction (the controller
+        # folds it into the per-sample factors), so the noise is scaled the same way: no extra pass
+        self.noise.add_([g for _, g in grads], self.noise_multiplier * self.sensitivity * self.controller.output_scale)
         for p, grad in grads:
-            if self.loss_reduction is LossReduction.MEAN:
-                grad.div_(self.expected_batch_size)
             p.grad = grad
             self.controller.mark_written(p, grad)
 

@@ -148,6 +148,8 @@ class GradSampleController:
         self._method_cache: dict[tuple[int, tuple[int, ...]], NormMethod] = {}
         self.batches_accumulated = 0
         self.last_norms: Tensor | None = None
+        #: multiplies every clipped sum (the optimizer sets 1 / expected batch size for mean reduction)
+        self.output_scale = 1.0
         self._swapped: set[int] = set()  # layers whose parameters the pre-hook swapped for this call
         self._handles = [module.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True)]
         self._root_batch: int | None = None
@@ -282,7 +284,9 @@ class GradSampleController:
                 "non-finite per-sample gradient norm (NaN or inf) in this batch; the update is refused rather "
                 "than clipped silently. Check the loss and inputs (lower the learning rate, or clamp logits).")
         self.last_norms = norms
-        c = self.clip_factors(norms) * scale  # (B,): factor per sample, times the mean-reduction scale
+        # (B,): factor per sample, times the mean-reduction scale and the output scale (1 / expected batch
+        # size for a mean-reduced loss), so no pass over the summed gradients is needed later
+        c = self.clip_factors(norms) * (scale * self.output_scale)
 
         for tl, rec, names in direct.values():
             for n, t in tl.handler.clipped_sum(tl.module, rec, names, c).items():
