@@ -7,7 +7,6 @@ normalized input recomputed from the saved input.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -15,9 +14,6 @@ from .registry import LayerHandler, Record, register
 
 
 class _AffineNorm(LayerHandler):
-    #: parameters index dimension 1 (GroupNorm, InstanceNorm) rather than the trailing dimensions
-    channels_first = False
-
     def x_hat(self, layer: nn.Module, x: Tensor) -> Tensor:
         raise NotImplementedError
 
@@ -30,17 +26,8 @@ class _AffineNorm(LayerHandler):
         dims = self.reduce_dims(layer, x)
         out: dict[str, Tensor] = {}
         if "weight" in names:
-            xh = self.x_hat(layer, x)
-            if not dims:
-                out["weight"] = g * xh
-            else:  # contract the reduced positions without forming g * x_hat: a batched dot product
-                k = layer.weight.numel()
-                if self.channels_first:  # (B, C, S)
-                    out["weight"] = torch.einsum("bcs,bcs->bc", g.reshape(g.shape[0], k, -1),
-                                                 xh.reshape(g.shape[0], k, -1)).view(g.shape[0], *layer.weight.shape)
-                else:  # trailing normalized shape: (B, M, K)
-                    out["weight"] = torch.einsum("bmk,bmk->bk", g.reshape(g.shape[0], -1, k),
-                                                 xh.reshape(g.shape[0], -1, k)).view(g.shape[0], *layer.weight.shape)
+            prod = g * self.x_hat(layer, x)  # (an einsum here is 3-4x slower on CPU)
+            out["weight"] = prod.sum(dims) if dims else prod
         if "bias" in names:
             out["bias"] = g.sum(dims) if dims else g
         return out
@@ -67,8 +54,6 @@ class RMSNormHandler(_LastDims):
 
 class _Channels(_AffineNorm):
     """Norms with one parameter per channel (dimension 1)."""
-
-    channels_first = True
 
     def reduce_dims(self, layer: nn.Module, x: Tensor) -> list[int]:
         return list(range(2, x.dim()))
