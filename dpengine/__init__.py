@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "PrivacyEngine": "dpengine.engine",
     "DPOptimizer": "dpengine.optimizer",
+    "PrivacyBudgetExhaustedError": "dpengine.optimizer",
     "VirtualSteps": "dpengine.data",
     "DPDataLoader": "dpengine.data",
     "validate": "dpengine.validation",

@@ -61,6 +61,7 @@ class PrivacyEngine:
         grad_sample_mode: str = "bk",
         poisson_sampling: bool = True,
         loss_reduction: str = "mean",
+        epsilon_budget: tuple[float, float] | None = None,
     ) -> tuple[nn.Module, DPOptimizer, DataLoader]:
         """Attach per-sample clipping, noise and accounting. Always returns ``(module, optimizer, data_loader)``.
 
@@ -77,6 +78,9 @@ class PrivacyEngine:
             grad_sample_mode: "hooks" (materialized reference), "ghost" (Gram norms) or "bk" (book-keeping).
             poisson_sampling: replace the loader's sampling by Poisson sampling (what the accountant assumes).
             loss_reduction: "mean" or "sum", how the loss reduces over the batch.
+            epsilon_budget: optional ``(epsilon, delta)``: any step after which epsilon would exceed the
+                budget raises ``PrivacyBudgetExhaustedError`` instead (``make_private_with_epsilon``
+                sets it to the target).
 
         Raises:
             UnsupportedModuleError: listing every layer that cannot be trained privately, with the fix.
@@ -116,6 +120,8 @@ class PrivacyEngine:
             optimizer, controller=self.controller, noise_multiplier=noise_multiplier,
             sensitivity=policy.sensitivity, expected_batch_size=expected_batch_size, sample_rate=sample_rate,
             loss_reduction=LossReduction(loss_reduction), noise=self.noise, accountant=self.accountant)
+        if epsilon_budget is not None:
+            self.optimizer.set_budget(*epsilon_budget)
         return module, self.optimizer, data_loader
 
     def make_private_with_epsilon(
@@ -132,7 +138,8 @@ class PrivacyEngine:
         **kwargs: Any,
     ) -> tuple[nn.Module, DPOptimizer, DataLoader]:
         """Like ``make_private`` with the smallest noise multiplier that keeps epsilon <= target after
-        ``epochs`` epochs (``epochs * len(data_loader)`` steps). Calibration is conservative."""
+        ``epochs`` epochs (``epochs * len(data_loader)`` steps). Calibration is conservative, and the
+        target becomes the budget: a step that would exceed it raises ``PrivacyBudgetExhaustedError``."""
         steps = int(epochs) * len(data_loader)
         if poisson_sampling:
             sample_rate = 1.0 / len(data_loader)
@@ -143,7 +150,8 @@ class PrivacyEngine:
             accountant=self.accountant_name)
         return self.make_private(module=module, optimizer=optimizer, data_loader=data_loader,
                                  noise_multiplier=sigma, max_grad_norm=max_grad_norm,
-                                 poisson_sampling=poisson_sampling, **kwargs)
+                                 poisson_sampling=poisson_sampling,
+                                 epsilon_budget=(target_epsilon, target_delta), **kwargs)
 
     @staticmethod
     def _check_optimizer(module: nn.Module, optimizer: Optimizer) -> None:

@@ -17,6 +17,10 @@ from .grad_sample.controller import GradSampleController, LossReduction
 from .noise import GaussianNoise
 
 
+class PrivacyBudgetExhaustedError(RuntimeError):
+    """Raised instead of taking a step that would spend more than the privacy budget."""
+
+
 class DPOptimizer(Optimizer):
     """Wraps a torch optimizer; shares its ``param_groups`` and ``state`` (LR schedulers keep working).
 
@@ -59,6 +63,45 @@ class DPOptimizer(Optimizer):
         self._skip_next = False
         self._keep_grads = False
         self.steps_taken = 0
+        self.budget: tuple[float, float] | None = None  # (epsilon, delta) never to be exceeded
+        self._max_steps: int | None = None
+
+    def set_budget(self, epsilon: float, delta: float) -> None:
+        """Refuse any step after which epsilon at ``delta`` would exceed ``epsilon``."""
+        from . import accounting
+
+        self.budget = (float(epsilon), float(delta))
+        # Enforced with RDP whatever the reporting accountant: its epsilon is never below PLD's, so the
+        # check is conservative, and it is fast. Steps affordable from scratch at this (sigma, q):
+        try:
+            self._max_steps = accounting.get_max_steps(
+                target_epsilon=epsilon, target_delta=delta, sample_rate=self.sample_rate,
+                noise_multiplier=self.noise_multiplier)
+        except ValueError:  # not even one step fits, or it never runs out (sigma large, q = 0)
+            self._max_steps = None
+
+    def _check_budget(self) -> None:
+        if self.budget is None:
+            return
+        eps, delta = self.budget
+        history = self.accountant.history
+        homogeneous = all(s[0] == self.noise_multiplier and s[1] == self.sample_rate for s in history)
+        if homogeneous and self._max_steps is not None:
+            exceeded = self.accountant.total_steps + 1 > self._max_steps
+        else:  # a resumed or heterogeneous history: replay it with RDP plus this step
+            from . import accounting
+
+            trial = accounting.RDPAccountant()
+            for sigma, q, n in history:
+                trial.step(noise_multiplier=sigma, sample_rate=q, num_steps=n)
+            trial.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+            exceeded = trial.get_epsilon(delta) > eps
+        if exceeded:
+            raise PrivacyBudgetExhaustedError(
+                f"The privacy budget epsilon={eps:g} at delta={delta:g} is spent after "
+                f"{self.accountant.total_steps} steps (now epsilon={self.accountant.get_epsilon(delta):.4g}); this step "
+                "was refused and the model is unchanged. Stop training here, or plan a larger budget "
+                "(make_private_with_epsilon with more epochs) from the start.")
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -110,6 +153,7 @@ class DPOptimizer(Optimizer):
         if self._skip_next:
             self._skip_next = False
             return loss
+        self._check_budget()
         self._privatize()
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
         self.steps_taken += 1

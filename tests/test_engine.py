@@ -309,3 +309,45 @@ def test_parameter_unfrozen_after_make_private_is_refused():
     F.cross_entropy(model(x), y).backward()
     with pytest.raises(RuntimeError, match="not tracked"):
         opt.step()
+
+
+def test_budget_is_enforced_after_the_planned_epochs():
+    model = _mlp(torch.float32)
+    ds = TensorDataset(torch.randn(100, 6), torch.randint(0, 3, (100,)))
+    engine = PrivacyEngine(seed=0)
+    model, opt, dl = engine.make_private_with_epsilon(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=DataLoader(ds, batch_size=20),
+        target_epsilon=1.0, target_delta=1e-5, epochs=2, max_grad_norm=1.0)
+    steps = 0
+    with pytest.raises(dpengine.PrivacyBudgetExhaustedError, match="epsilon=1"):
+        for _ in range(50):
+            for x, y in dl:
+                opt.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                before = [p.detach().clone() for p in model.parameters()]
+                opt.step()
+                steps += 1
+    assert steps >= 10  # the planned 2 epochs always fit
+    assert engine.get_epsilon(1e-5) <= 1.0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the refused step changed nothing
+
+
+def test_budget_check_replays_a_resumed_heterogeneous_history():
+    model = _mlp(torch.float32)
+    engine = PrivacyEngine(seed=0)
+    model, opt, dl = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                         data_loader=_loader(dtype=torch.float32), noise_multiplier=1.0,
+                                         max_grad_norm=1.0, epsilon_budget=(2.0, 1e-5))
+    # a history spent earlier at another noise level (e.g. restored from a checkpoint)
+    engine.accountant.step(noise_multiplier=0.7, sample_rate=0.2, num_steps=5)
+    spent = engine.get_epsilon(1e-5)
+    assert spent < 2.0
+    x, y = next(iter(dl))
+    n = 0
+    with pytest.raises(dpengine.PrivacyBudgetExhaustedError):
+        for _ in range(200):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            n += 1
+    assert n > 0 and engine.get_epsilon(1e-5) <= 2.0
