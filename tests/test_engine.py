@@ -339,7 +339,7 @@ def test_budget_check_replays_a_resumed_heterogeneous_history():
                                          data_loader=_loader(dtype=torch.float32), noise_multiplier=1.0,
                                          max_grad_norm=1.0, epsilon_budget=(2.0, 1e-5))
     # a history spent earlier at another noise level (e.g. restored from a checkpoint)
-    engine.accountant.step(noise_multiplier=0.7, sample_rate=0.2, num_steps=5)
+    engine.accountant.step(noise_multiplier=1.5, sample_rate=0.05, num_steps=5)
     spent = engine.get_epsilon(1e-5)
     assert spent < 2.0
     x, y = next(iter(dl))
