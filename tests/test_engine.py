@@ -337,11 +337,11 @@ def test_budget_check_replays_a_resumed_heterogeneous_history():
     engine = PrivacyEngine(seed=0)
     model, opt, dl = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
                                          data_loader=_loader(dtype=torch.float32), noise_multiplier=1.0,
-                                         max_grad_norm=1.0, epsilon_budget=(2.0, 1e-5))
+                                         max_grad_norm=1.0, epsilon_budget=(6.0, 1e-5))
     # a history spent earlier at another noise level (e.g. restored from a checkpoint)
     engine.accountant.step(noise_multiplier=1.5, sample_rate=0.05, num_steps=5)
     spent = engine.get_epsilon(1e-5)
-    assert spent < 2.0
+    assert spent < 6.0
     x, y = next(iter(dl))
     n = 0
     with pytest.raises(dpengine.PrivacyBudgetExhaustedError):
@@ -350,4 +350,4 @@ def test_budget_check_replays_a_resumed_heterogeneous_history():
             F.cross_entropy(model(x), y).backward()
             opt.step()
             n += 1
-    assert n > 0 and engine.get_epsilon(1e-5) <= 2.0
+    assert n > 1 and engine.get_epsilon(1e-5) <= 6.0
