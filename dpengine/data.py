@@ -115,7 +115,7 @@ class VirtualSteps:
 
     def __init__(self, data_loader: DataLoader, max_physical_batch_size: int, optimizer: Any):
         positive(max_physical_batch_size=max_physical_batch_size)
-        if not hasattr(optimizer, "signal_chunk"):
+        if not hasattr(optimizer, "end_virtual_steps"):
             raise TypeError("VirtualSteps needs the optimizer returned by make_private.")
         self.data_loader, self.optimizer = data_loader, optimizer
         self.max_physical = int(max_physical_batch_size)
@@ -140,4 +140,4 @@ class VirtualSteps:
                 self.optimizer.signal_chunk(first, last)
                 yield batch
         finally:
-            self.optimizer.signal_chunk(True, True)
+            self.optimizer.end_virtual_steps()

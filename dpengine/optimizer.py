@@ -62,6 +62,7 @@ class DPOptimizer(Optimizer):
         self.accountant = accountant
         self._skip_next = False
         self._keep_grads = False
+        self._in_virtual_steps = False  # chunks of one logical batch are being accumulated
         self.steps_taken = 0
         self.budget: tuple[float, float] | None = None  # (epsilon, delta) never to be exceeded
         self._max_steps: int | None = None
@@ -112,6 +113,10 @@ class DPOptimizer(Optimizer):
         before the first physical chunk and ``step`` applies only after the last one."""
         self._keep_grads = not first
         self._skip_next = not last
+        self._in_virtual_steps = True
+
+    def end_virtual_steps(self) -> None:
+        self._keep_grads = self._skip_next = self._in_virtual_steps = False
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         if self._keep_grads:
@@ -153,6 +158,15 @@ class DPOptimizer(Optimizer):
         if self._skip_next:
             self._skip_next = False
             return loss
+        if self.controller.batches_accumulated > 1 and not self._in_virtual_steps:
+            n = self.controller.batches_accumulated
+            self.controller.clear()
+            raise RuntimeError(
+                f"{n} backward passes were accumulated since the last step. dpengine clips each backward on "
+                "its own, so a sample that took part in two of them would contribute up to 2 * max_grad_norm "
+                "and break the privacy guarantee; the step was refused. To split one logical batch into "
+                "physical chunks use dpengine.VirtualSteps; to combine several losses, add them and call "
+                "backward once.")
         self._check_budget()
         self._privatize()
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)

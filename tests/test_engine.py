@@ -351,3 +351,15 @@ def test_budget_check_replays_a_resumed_heterogeneous_history():
             opt.step()
             n += 1
     assert n > 1 and engine.get_epsilon(1e-5) <= 6.0
+
+
+def test_two_backward_passes_before_a_step_are_refused():
+    model = _mlp()
+    _, opt, dl = PrivacyEngine().make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                              data_loader=_loader(), noise_multiplier=1.0, max_grad_norm=1.0)
+    x, y = next(iter(dl))
+    F.cross_entropy(model(x), y).backward()
+    F.cross_entropy(model(x), y).backward()  # the same samples again: each could contribute 2C
+    with pytest.raises(RuntimeError, match="2 backward passes"):
+        opt.step()
+    assert all(p.grad is None for p in model.parameters())
