@@ -198,7 +198,14 @@ class GradSampleController:
             def on_grad(g: Tensor) -> None:
                 self._on_grad(tl, rec, g)
 
-            return _Tap.apply(self._anchor, out, on_grad, copy)
+            if out.requires_grad and not copy:
+                # the common case (the input needs a gradient): a tensor hook sees g without touching the
+                # graph; it fires with the gradient of this value even if it is later modified in place
+                out.register_hook(on_grad)
+                return None
+            # the output does not need a gradient yet (first layer, embedding): tag it so that it does.
+            # A view is copied: tagging it in place would make autograd rebase it (two copies in backward).
+            return _Tap.apply(self._anchor, out, on_grad, copy or out._is_view())
         return hook
 
     def _on_grad(self, tl: TrackedLayer, rec: Record, g: Tensor) -> None:
