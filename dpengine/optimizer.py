@@ -7,6 +7,7 @@ controller. ``step()`` adds Gaussian noise N(0, (sigma * C)^2) once, divides by 
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -63,6 +64,7 @@ class DPOptimizer(Optimizer):
         self._skip_next = False
         self._keep_grads = False
         self._in_virtual_steps = False  # chunks of one logical batch are being accumulated
+        self._warned_eval = False
         self.steps_taken = 0
         self.budget: tuple[float, float] | None = None  # (epsilon, delta) never to be exceeded
         self._max_steps: int | None = None
@@ -167,6 +169,11 @@ class DPOptimizer(Optimizer):
                 "and break the privacy guarantee; the step was refused. To split one logical batch into "
                 "physical chunks use dpengine.VirtualSteps; to combine several losses, add them and call "
                 "backward once.")
+        if not self.controller.module.training and not self._warned_eval:
+            self._warned_eval = True
+            warnings.warn("A private step was taken with the model in eval mode (dropout off, and layers that "
+                          "behave differently in training act as at inference). Call model.train() before "
+                          "training; the step itself is still private.", stacklevel=2)
         self._check_budget()
         self._privatize()
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)

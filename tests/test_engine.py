@@ -363,3 +363,14 @@ def test_two_backward_passes_before_a_step_are_refused():
     with pytest.raises(RuntimeError, match="2 backward passes"):
         opt.step()
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_private_step_in_eval_mode_warns():
+    model = _mlp()
+    _, opt, dl = PrivacyEngine().make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                              data_loader=_loader(), noise_multiplier=1.0, max_grad_norm=1.0)
+    model.eval()
+    x, y = next(iter(dl))
+    F.cross_entropy(model(x), y).backward()
+    with pytest.warns(UserWarning, match="eval mode"):
+        opt.step()
