@@ -43,10 +43,6 @@ class Record:
     def a(self) -> Tensor:
         return self.args[0]
 
-    @property
-    def batch_size(self) -> int:
-        return int(self.g.shape[0]) if self.g is not None else int(self.a.shape[0])
-
 
 @dataclass(frozen=True)
 class OuterFactors:
