@@ -205,3 +205,43 @@ def test_conv_per_sample_implementations_agree_with_oracle(impl, dim):
 
     ref = vmap(grad(f), in_dims=(None, 0, 0))(layer.weight.detach(), x, g)
     assert rel_err(got, ref) <= TOL
+
+
+@settings(max_examples=12, deadline=None)
+@given(b=st.integers(1, 4), dim=st.sampled_from([1, 3]), cin=st.sampled_from([2, 4]), groups=st.sampled_from([1, 2]),
+       k=st.integers(1, 3), stride=st.integers(1, 2), dil=st.integers(1, 2), pad=st.sampled_from([0, 1, "same"]),
+       size=st.integers(5, 7), mode=st.sampled_from(MODES), red=st.sampled_from(["mean", "sum"]))
+def test_conv1d_conv3d_random_shapes(b, dim, cin, groups, k, stride, dil, pad, size, mode, red):
+    if pad == "same":
+        stride = 1
+    conv = {1: nn.Conv1d, 3: nn.Conv3d}[dim](cin, 4, k, stride=stride, padding=pad, dilation=dil, groups=groups)
+    net = nn.Sequential(conv, nn.Flatten(2), nn.Tanh(), _MeanPool(), nn.Linear(4, 3))
+    x, y = torch.randn(b, cin, *([size] * dim), dtype=torch.float64), torch.randint(0, 3, (b,))
+    _check(net, ce("mean"), ce("sum"), x, y, mode, red)
+
+
+@settings(max_examples=16, deadline=None)
+@given(b=st.integers(1, 4), kind=st.sampled_from(["layer", "rms", "group", "instance1", "instance2"]),
+       c=st.sampled_from([2, 4, 6]), length=st.integers(1, 5), mode=st.sampled_from(MODES),
+       red=st.sampled_from(["mean", "sum"]))
+def test_norm_layers_random_shapes(b, kind, c, length, mode, red):
+    if kind in ("layer", "rms"):
+        norm = nn.LayerNorm(c) if kind == "layer" else nn.RMSNorm(c)
+        x = torch.randn(b, length, c, dtype=torch.float64)
+        net = nn.Sequential(nn.Linear(c, c), norm, nn.Tanh(), _MeanPool1(), nn.Linear(c, 3))
+    else:
+        norm = {"group": nn.GroupNorm(2, c), "instance1": nn.InstanceNorm1d(c, affine=True),
+                "instance2": nn.InstanceNorm2d(c, affine=True)}[kind]
+        shape = (b, c, length + 1) if kind != "instance2" else (b, c, length + 1, 3)
+        x = torch.randn(*shape, dtype=torch.float64)
+        net = nn.Sequential(norm, nn.Flatten(2), nn.Tanh(), _MeanPool(), nn.Linear(c, 3))
+    with torch.no_grad():  # non-trivial affine parameters
+        for p in norm.parameters():
+            p.normal_()
+    y = torch.randint(0, 3, (b,))
+    _check(net, ce("mean"), ce("sum"), x, y, mode, red)
+
+
+class _MeanPool1(nn.Module):
+    def forward(self, x):
+        return x.mean(1)
