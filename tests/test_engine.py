@@ -374,3 +374,23 @@ def test_private_step_in_eval_mode_warns():
     F.cross_entropy(model(x), y).backward()
     with pytest.warns(UserWarning, match="eval mode"):
         opt.step()
+
+
+def test_input_modified_in_place_after_a_layer_is_refused():
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(6, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            h = x * 1.0
+            out = self.fc1(h)
+            h.add_(1.0)  # fc1's input changes after fc1 read it; autograd does not save it in bk
+            return self.fc2(out + h)
+
+    model = InPlace().double()
+    _, opt, dl = PrivacyEngine().make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                              data_loader=_loader(), noise_multiplier=1.0, max_grad_norm=1.0)
+    x, y = next(iter(dl))
+    with pytest.raises(PerSampleGradientError, match="modified in place"):
+        F.cross_entropy(model(x), y).backward()

@@ -194,6 +194,9 @@ class GradSampleController:
                 out = out.expand(batch, *out.shape[1:])
                 copy = True  # tagging an expanded view in place would route g through its (summed) base
             rec = Record(args, {k: (v.detach() if isinstance(v, Tensor) else v) for k, v in kwargs.items()})
+            # autograd no longer saves the input for a weight gradient, so nothing else would notice an
+            # in-place change to it before the reduction: remember its version (detach shares the counter)
+            rec.extra["versions"] = [(i, x._version) for i, x in enumerate(args) if isinstance(x, Tensor)]
 
             def on_grad(g: Tensor) -> None:
                 self._on_grad(tl, rec, g)
@@ -210,6 +213,7 @@ class GradSampleController:
 
     def _on_grad(self, tl: TrackedLayer, rec: Record, g: Tensor) -> None:
         rec.g = g
+        rec.extra["g_version"] = g._version
         task = torch._C._current_graph_task_id()
         if self._queued_for != task:  # first tap of this backward
             self._pending = []  # drop what an earlier backward that raised left behind
@@ -243,6 +247,13 @@ class GradSampleController:
                 f"({detail}). Every tracked layer must take inputs with the batch as dimension 0.")
         batch = sizes.pop()
         self._check_no_leak()
+        for tl, rec in pending:
+            if any(rec.args[i]._version != v for i, v in rec.extra.pop("versions", [])) or \
+                    rec.g._version != rec.extra.pop("g_version", rec.g._version):
+                raise PerSampleGradientError(
+                    f"the input of layer '{tl.name}' ({type(tl.module).__name__}) was modified in place after the "
+                    "layer used it, so its per-sample gradients cannot be formed. Use an out-of-place operation "
+                    "(x = x + 1 rather than x += 1) on tensors that a tracked layer has read.")
         if batch == 0:  # an empty Poisson batch: nothing to clip, the step still adds noise
             ref = pending[0][1].g
             self.last_norms = ref.new_zeros(0)
