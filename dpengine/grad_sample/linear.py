@@ -36,29 +36,34 @@ class _LinearLike(LayerHandler):
     def prefers_gram(self, layer: nn.Module, rec: Record) -> bool:
         t = rec.a.numel() // max(rec.a.shape[0], 1) // rec.a.shape[-1]
         p, d = rec.g.shape[-1], rec.a.shape[-1]
-        return 2 * t * t < p * d
+        return 2 * t * t < p * d  # Gram matrices smaller than the per-sample gradient (fastDP's rule)
 
     def norm_sq(self, layer: nn.Module, rec: Record, names: list[str], method: NormMethod) -> dict[str, Tensor]:
         a, g = self._ag(rec)
         out: dict[str, Tensor] = {}
+        if "weight" in names and a.shape[1] > 1 and method is NormMethod.MATERIALIZE:
+            # Materialized once; the clipped sum is then a weighted sum of these (no second GEMM), and
+            # the captured a and g are released: the per-sample gradients take their place.
+            ps = self._cached_per_sample(layer, rec, names)
+            rec.release()
+            return {n: row_sq(t) for n, t in ps.items()}
         if "weight" in names:
             if a.shape[1] == 1:  # one token: ||g a^T|| = ||g|| ||a||
                 out["weight"] = row_sq(a) * row_sq(g)
-            elif method is NormMethod.GRAM:
+            else:
                 out["weight"] = gram_norm_sq(a, g)
-            else:  # materialized once; the clipped sum then reuses it (a weighted sum, no GEMM)
-                out["weight"] = row_sq(self._cached_per_sample(layer, rec, ["weight"])["weight"])
         if "bias" in names:
             out["bias"] = row_sq(_token_sum(g))
         return out
 
     def clipped_sum(self, layer: nn.Module, rec: Record, names: list[str], c: Tensor) -> dict[str, Tensor]:
+        cached = rec.extra.get("per_sample", {})
+        if all(n in cached for n in names):
+            return {n: weighted_sum(cached[n], c) for n in names}
         a, g = self._ag(rec)
         cv = c.to(g.dtype)
         out: dict[str, Tensor] = {}
-        if "weight" in names and "weight" in rec.extra.get("per_sample", {}):
-            out["weight"] = weighted_sum(rec.extra["per_sample"]["weight"], cv)
-        elif "weight" in names:
+        if "weight" in names:
             # book-keeping: sum_i c_i g_i^T a_i is one GEMM once the factors are folded into the
             # smaller of the two operands
             if a.shape[-1] <= g.shape[-1]:

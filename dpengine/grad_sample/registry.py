@@ -43,6 +43,10 @@ class Record:
     def a(self) -> Tensor:
         return self.args[0]
 
+    def release(self) -> None:
+        """Drop the captured input and gradient once a handler has cached all it still needs."""
+        self.args, self.kwargs, self.g = (), {}, None
+
 
 @dataclass(frozen=True)
 class OuterFactors:
