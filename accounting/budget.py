@@ -18,6 +18,7 @@ import click
 
 from .accountants import ACCOUNTANTS, create_accountant
 from .calibration import epochs_to_steps, get_epsilon, get_max_steps, get_noise_multiplier, get_sample_rate
+from .rdp import compute_epsilon
 
 __all__ = ["budget", "load_accountant_state", "steps_left"]
 
@@ -143,6 +144,8 @@ def _solve_one(
         acc.step(noise_multiplier=sigma, sample_rate=q, num_steps=steps)
         epsilon, order = acc.get_privacy_spent(delta)
         row.update(solved_for="epsilon", best_order=order)
+        # for comparison only: the classic RDP conversion (Mironov 2017), looser than the one reported
+        row["epsilon_classic"] = compute_epsilon([(sigma, q, steps)], delta, conversion="classic")[0]
     elif sigma is None:
         if q is None or steps is None:
             raise ValueError("Give the sample rate (or batch size) and steps (or epochs) to solve for the noise multiplier.")
@@ -268,7 +271,8 @@ def _print_rows(rows: list[dict[str, Any]], accountant: str, delta: float, notes
         r = rows[0]
         solved = r["solved_for"]
         lines = {
-            "epsilon": f"epsilon = {r['epsilon']:.6g} (delta = {delta:.3g}, best order = {_fmt_order(r['best_order'])})",
+            "epsilon": f"epsilon = {r['epsilon']:.6g} (delta = {delta:.3g}, best order = {_fmt_order(r['best_order'])})"
+                       f"\n  classic RDP conversion, for comparison: epsilon = {r['epsilon_classic']:.6g}",
             "noise_multiplier": f"noise multiplier needed = {r['noise_multiplier']:.6g}",
             "steps": f"max steps = {r['steps']} (= {r['epochs']:.4g} epochs)",
             "sample_rate": f"max sample rate = {r['sample_rate']:.6g}",

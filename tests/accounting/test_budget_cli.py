@@ -24,6 +24,7 @@ def test_epsilon_mode() -> None:
     code, out = run("--sample-rate", "0.01", "--noise-multiplier", "1.0", "--steps", "1000", "--delta", "1e-5")
     assert code == 0, out
     assert "epsilon = 2.10132" in out and "best order" in out and "Poisson sampling" in out
+    assert "classic RDP conversion" in out
 
 
 def test_json_output() -> None:
@@ -33,6 +34,8 @@ def test_json_output() -> None:
     assert data["epsilon"] == pytest.approx(2.10132, abs=1e-5)
     assert data["noise_multiplier"] == 1.0 and data["steps"] == 1000 and data["best_order"] > 1
     assert "dpengine" in data["versions"] and "Poisson" in data["assumptions"]
+    # the classic conversion is reported for comparison and is never tighter than Balle et al.'s
+    assert data["epsilon_classic"] > data["epsilon"]
 
 
 def test_solve_noise_multiplier() -> None:
