@@ -272,7 +272,8 @@ def _print_rows(rows: list[dict[str, Any]], accountant: str, delta: float, notes
         solved = r["solved_for"]
         lines = {
             "epsilon": f"epsilon = {r['epsilon']:.6g} (delta = {delta:.3g}, best order = {_fmt_order(r['best_order'])})"
-                       f"\n  classic RDP conversion, for comparison: epsilon = {r['epsilon_classic']:.6g}",
+                       + (f"\n  classic RDP conversion, for comparison: epsilon = {r['epsilon_classic']:.6g}"
+                          if "epsilon_classic" in r else ""),
             "noise_multiplier": f"noise multiplier needed = {r['noise_multiplier']:.6g}",
             "steps": f"max steps = {r['steps']} (= {r['epochs']:.4g} epochs)",
             "sample_rate": f"max sample rate = {r['sample_rate']:.6g}",
