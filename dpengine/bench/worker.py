@@ -61,6 +61,10 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
 
     device = torch.device(cfg.get("device", "cpu"))
     cuda = device.type == "cuda"
+    from dpengine.grad_sample.controller import GradSampleMode
+
+    if mode in DPENGINE_MODES and mode not in {m.value for m in GradSampleMode}:
+        return {"status": f"skipped: {mode} is not implemented in this dpengine yet"}
     if mode == "fused" and not cuda:
         return {"status": "skipped: fused needs CUDA"}
     torch.manual_seed(int(cfg.get("seed", 0)))
