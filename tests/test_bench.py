@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -76,6 +77,9 @@ def test_tiny_suite_end_to_end(tmp_path: Path) -> None:
     assert set(by_cfg[("gpt", "opacus-ghost")]) == PER_CONFIG | VS_NP
     assert list(by_cfg[("mlp", "fused")]) == ["status"]
     assert by_cfg[("mlp", "fused")]["status"]["status"].startswith("skipped")
+    # one reason per skipped mode: the notes must not also blame CUDA for a mode that does not exist yet
+    notes = json.loads((out / "results.json").read_text())["notes"]
+    assert len([n for n in notes if n.startswith("mode 'fused' skipped")]) == 1, notes
     for r in rows:
         if r["status"] == "ok":
             for k in ("median", "p20", "p80"):

@@ -15,7 +15,7 @@ import sys
 from typing import Any, Callable
 
 from dpengine.bench.suite import Suite
-from dpengine.bench.worker import DPENGINE_MODES, OPACUS_MODES
+from dpengine.bench.worker import DPENGINE_MODES, FUSED_NEEDS_CUDA, NOT_IMPLEMENTED, OPACUS_MODES, implemented
 
 CSV_COLUMNS = ("timestamp", "commit", "device", "torch", "triton", "opacus", "suite", "model", "params", "mode",
                "clipping", "batch", "threads", "rounds", "metric", "median", "p20", "p80", "n", "status")
@@ -121,14 +121,6 @@ def run_worker(cfg: dict[str, Any], timeout: float = 1800.0) -> dict[str, Any]:
     return {"status": f"error: worker exited {proc.returncode}: {tail[0][:300]}"}
 
 
-def _implemented(mode: str) -> bool:
-    """Modes of other providers are always runnable; a dpengine backend only once it exists."""
-    from dpengine.bench.worker import DPENGINE_MODES
-    from dpengine.grad_sample.controller import GradSampleMode
-
-    return mode not in DPENGINE_MODES or mode in {m.value for m in GradSampleMode}
-
-
 def config_key(cfg: dict[str, Any]) -> tuple:
     return (cfg["model"], json.dumps(cfg.get("params", {}), sort_keys=True), cfg["batch"], cfg["mode"])
 
@@ -143,17 +135,17 @@ def run_suite(suite: Suite, progress: bool = True, runner: Callable[[dict[str, A
     for cfg in configs:
         entry = {"config": cfg, "rounds": [], "status": "ok"}
         results[config_key(cfg)] = entry
-        if not _implemented(cfg["mode"]):
-            entry["status"] = f"skipped: {cfg['mode']} is not implemented in this dpengine yet"
+        if not implemented(cfg["mode"]):
+            entry["status"] = NOT_IMPLEMENTED.format(mode=cfg["mode"])
         elif cfg["mode"] == "fused" and not (suite.device == "cuda" and cuda_available()):
-            entry["status"] = "skipped: fused needs CUDA"
+            entry["status"] = FUSED_NEEDS_CUDA
         elif suite.device == "cuda" and not cuda_available():
             entry["status"] = "skipped: CUDA unavailable"
         else:
             todo.append(cfg)
-    if any(e["status"].startswith("skipped: fused") for e in results.values()):
+    if any(e["status"] == FUSED_NEEDS_CUDA for e in results.values()):
         notes.append("mode 'fused' skipped: it needs CUDA (Triton kernels); this run is on " + suite.device)
-    for mode in sorted({c["mode"] for c in configs if not _implemented(c["mode"])}):
+    for mode in sorted({c["mode"] for c in configs if not implemented(c["mode"])}):
         notes.append(f"mode '{mode}' skipped: not implemented in this dpengine yet")
 
     bar = None
