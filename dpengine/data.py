@@ -8,13 +8,17 @@ analysis; ``make_private(poisson_sampling=False)`` keeps them but warns.
 from __future__ import annotations
 
 import collections
+import copy
 import math
+import os
 import secrets
-from typing import Any, Iterator
+from fractions import Fraction
+from typing import Any, Callable, Iterator, Sequence
 
+import numpy as np
 import torch
-from torch.utils._pytree import tree_map
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import (BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler, Sampler,
+                              SequentialSampler)
 from torch.utils.data.dataloader import default_collate
 
 from ._validate import in_range, positive
@@ -23,38 +27,197 @@ from ._validate import in_range, positive
 class PoissonBatchSampler(Sampler[list[int]]):
     """Yields ``steps`` batches; each index is included independently with probability ``sample_rate``.
 
-    Batch sizes vary (binomial, mean ``sample_rate * num_samples``) and can be zero.
+    Batch sizes vary (binomial, mean ``sample_rate * num_samples``) and can be zero. ``indices`` (default
+    ``range(num_samples)``, else exactly ``num_samples`` dataset indices) is the set sampled from.
+
+    Where the randomness comes from, and how exact the inclusion probability q is:
+
+    * default: float64 uniforms from a ``torch.Generator`` (Mersenne Twister; seeded from ``secrets``
+      unless ``generator`` is given, which makes runs reproducible). Those uniforms are multiples of
+      2**-53, so q is rounded *down* to a multiple of 2**-53: P(include) is in (q - 2**-53, q], never above
+      the q the accountant uses. (float32 uniforms rounded q *up* to a multiple of 2**-24: +19% at 1e-7.)
+    * ``secure=True``: no torch.Generator at all (its state, or 624 of its outputs, predict every batch).
+      Each decision compares 64 bits from the OS CSPRNG (``os.urandom``) with ``floor(q * 2**64)``,
+      computed exactly with integers: P(include) is in (q - 2**-64, q]. Not reproducible, and there is
+      no sampler state to checkpoint.
     """
 
-    def __init__(self, num_samples: int, sample_rate: float, steps: int, generator: torch.Generator | None = None):
+    def __init__(self, num_samples: int, sample_rate: float, steps: int, generator: torch.Generator | None = None,
+                 *, secure: bool = False, indices: Sequence[int] | None = None):
         positive(num_samples=num_samples)
         in_range(0.0, 1.0, sample_rate=sample_rate)
         positive(steps=steps)
-        self.num_samples, self.sample_rate, self.steps = num_samples, sample_rate, steps
-        if generator is None:
+        if secure and generator is not None:
+            raise ValueError("secure=True draws from the OS CSPRNG and uses no torch.Generator; pass generator=None, "
+                             "or secure=False for reproducible sampling.")
+        if indices is not None and len(indices) != num_samples:
+            raise ValueError(f"Expected len(indices)={len(indices)} to equal num_samples={num_samples}.")
+        self.num_samples, self.sample_rate, self.steps, self.secure = num_samples, sample_rate, steps, secure
+        self.indices = None if indices is None else torch.as_tensor(list(indices), dtype=torch.int64)
+        self._cutoff = math.floor(sample_rate * 2**53) / 2**53  # exact in float64: a multiple of 2**-53, <= q
+        self._threshold = math.floor(Fraction(sample_rate) * 2**64)  # P(uniform uint64 < threshold) <= q
+        if generator is None and not secure:
             generator = torch.Generator()
             generator.manual_seed(secrets.randbits(63))
         self.generator = generator
+        self._size_sink: collections.deque[int] | None = None  # set by DPDataLoader.__iter__
 
     def __len__(self) -> int:
         return self.steps
 
+    def _mask(self) -> torch.Tensor:
+        """One inclusion decision per candidate index (see the class docstring for the probability)."""
+        n = self.num_samples
+        if not self.secure:
+            return torch.rand(n, dtype=torch.float64, generator=self.generator) < self._cutoff
+        if self._threshold >= 2**64:  # q == 1
+            return torch.ones(n, dtype=torch.bool)
+        draws = np.frombuffer(os.urandom(8 * n), dtype=np.uint64)
+        return torch.from_numpy(draws < np.uint64(self._threshold))
+
     def __iter__(self) -> Iterator[list[int]]:
+        # Bind the sink now: the DataLoader calls iter() while DPDataLoader.__iter__ has it set.
+        return self._batches(self._size_sink)
+
+    def _batches(self, sink: collections.deque[int] | None) -> Iterator[list[int]]:
         for _ in range(self.steps):
-            mask = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate
-            yield mask.nonzero().flatten().tolist()
+            mask = self._mask()
+            batch = (mask.nonzero().flatten() if self.indices is None else self.indices[mask]).tolist()
+            if sink is not None:
+                sink.append(len(batch))
+            yield batch
 
 
-def _empty_batch_collate(dataset: Dataset, collate_fn: Any) -> Any:
-    """A collate function that turns an empty index list into correctly shaped empty tensors."""
-    template = tree_map(lambda t: t[:0] if isinstance(t, torch.Tensor) else t, default_collate([dataset[0]]))
+def _needs_collate_fn(why: str) -> ValueError:
+    return ValueError(f"Poisson sampling yields empty batches, and {why}. Give the DataLoader a collate_fn that "
+                      "accepts an empty list and returns an empty batch.")
 
-    def collate(batch: list[Any]) -> Any:
+
+def _empty_collated(elem: Any, strings: type = list) -> Any:
+    """What ``default_collate`` gives for zero records shaped like ``elem``, built from its structure alone:
+    fresh zero-length tensors (not slices, whose storage would still hold the record) and empty sequences.
+
+    ``default_collate`` returns a string field as the sequence it was given: a list at the top level and
+    in a dict, a tuple inside a tuple or list; ``strings`` is that type."""
+    if isinstance(elem, torch.Tensor) and elem.layout == torch.strided:
+        return torch.empty((0, *elem.shape), dtype=elem.dtype, device=elem.device)
+    if isinstance(elem, (np.ndarray, np.bool_, np.number)) and elem.dtype.kind in "biufc":
+        return torch.empty((0, *elem.shape), dtype=torch.from_numpy(np.empty(0, dtype=elem.dtype)).dtype)
+    if isinstance(elem, bool):
+        return torch.empty(0, dtype=torch.bool)
+    if isinstance(elem, int):
+        return torch.empty(0, dtype=torch.int64)
+    if isinstance(elem, float):
+        return torch.empty(0, dtype=torch.float64)
+    if isinstance(elem, (str, bytes)):
+        return strings()
+    if type(elem) in (dict, collections.OrderedDict):
+        return type(elem)((k, _empty_collated(v)) for k, v in elem.items())
+    if isinstance(elem, tuple) and hasattr(elem, "_fields"):  # namedtuple
+        return type(elem)(*(_empty_collated(v, tuple) for v in elem))
+    if type(elem) in (tuple, list):
+        return [_empty_collated(v, tuple) for v in elem]  # default_collate turns tuples into lists too
+    raise _needs_collate_fn(f"default_collate cannot safely build an empty batch of {type(elem).__name__}")
+
+
+def _holds_no_record(batch: Any) -> bool:
+    """True when ``batch`` is containers of empty tensors (with empty storage) and empty sequences only."""
+    if isinstance(batch, torch.Tensor):
+        return batch.numel() == 0 and batch.untyped_storage().nbytes() == 0
+    if isinstance(batch, dict):
+        return all(_holds_no_record(v) for v in batch.values())
+    if isinstance(batch, (list, tuple)):
+        return all(_holds_no_record(v) for v in batch)
+    return False
+
+
+def _same_layout(empty: Any, one: Any) -> bool:
+    """Whether an empty batch has the containers, dtypes and trailing shapes of a one-record batch."""
+    if isinstance(one, torch.Tensor):
+        return isinstance(empty, torch.Tensor) and empty.dtype == one.dtype and empty.shape[1:] == one.shape[1:]
+    if type(empty) is not type(one):
+        return False
+    if isinstance(one, dict):
+        return empty.keys() == one.keys() and all(_same_layout(empty[k], one[k]) for k in one)
+    if isinstance(one, (list, tuple)):
+        if len(empty) == 0 and all(isinstance(s, (str, bytes)) for s in one):
+            return True  # a string field: [] versus [s]
+        return len(empty) == len(one) and all(map(_same_layout, empty, one))
+    return False
+
+
+class _DefaultCollateWithEmpty:
+    """``default_collate``, which raises on an empty list, plus a fresh copy of ``template`` for an empty batch.
+
+    A class rather than a closure so that worker processes started with spawn can pickle it.
+    """
+
+    def __init__(self, template: Any):
+        self.template = template
+
+    def __call__(self, batch: list[Any]) -> Any:
         if len(batch) == 0:
-            return template
-        return collate_fn(batch)
+            return copy.deepcopy(self.template)  # a copy: filling one empty batch in place cannot reach the next
+        return default_collate(batch)
 
-    return collate
+
+def _empty_safe_collate(dataset: Dataset, index: int,
+                        collate_fn: Callable[[list[Any]], Any]) -> Callable[[list[Any]], Any]:
+    """The private loader's collate function; raises ValueError now rather than at the first empty batch.
+
+    A user's ``collate_fn`` sees every batch, empty ones included, so it must accept ``[]``. For torch's
+    ``default_collate`` the empty batch is built from the structure of record ``index``, with every leaf
+    emptied, and checked to hold nothing of that record.
+    """
+    if collate_fn is not default_collate:
+        try:
+            collate_fn([])
+        except Exception as e:
+            raise _needs_collate_fn(f"collate_fn([]) raised {type(e).__name__}: {e}") from e
+        return collate_fn
+    record = dataset[index]
+    template = _empty_collated(record)
+    try:
+        one = default_collate([record])
+    except Exception as e:
+        raise _needs_collate_fn(f"default_collate cannot collate a record ({type(e).__name__}: {e})") from e
+    if not (_holds_no_record(template) and _same_layout(template, one)):
+        raise _needs_collate_fn(f"an empty batch of {type(record).__name__} cannot be built to match default_collate")
+    return _DefaultCollateWithEmpty(template)
+
+
+_LOADER_FIX = ("Use a plain DataLoader(dataset, batch_size=..., shuffle=...) over the records to train on; for part "
+               "of a dataset, use torch.utils.data.Subset(dataset, indices) or sampler=SubsetRandomSampler(indices).")
+
+
+def _poisson_domain(data_loader: DataLoader) -> list[int] | None:
+    """The dataset indices the loader draws from: None for the whole dataset, else the sorted index set of a
+    sampler with ``indices`` (SubsetRandomSampler). Raises ValueError for a loader whose sampling Poisson
+    sampling over those indices would not stand in for (it would sample records the loader never yields)."""
+    dataset = data_loader.dataset
+    if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
+        raise ValueError(f"Poisson sampling needs a map-style dataset (with __len__ and __getitem__) to include each "
+                         f"record independently; got {type(dataset).__name__}. Load the records into a map-style "
+                         "Dataset (e.g. TensorDataset).")
+    batch_sampler = data_loader.batch_sampler
+    if batch_sampler is None:
+        raise ValueError("Poisson sampling needs a loader with a fixed batch_size (the sample rate is "
+                         "1 / len(loader)); got batch_size=None. Pass batch_size=... to the DataLoader.")
+    if type(batch_sampler) is not BatchSampler:
+        raise ValueError(f"Poisson sampling cannot stand in for the batch_sampler {type(batch_sampler).__name__}. "
+                         + _LOADER_FIX)
+    sampler, n = batch_sampler.sampler, len(dataset)
+    if type(sampler) in (RandomSampler, SequentialSampler) and len(sampler) == n:  # type: ignore[arg-type]
+        return None
+    indices = getattr(sampler, "indices", None)
+    if indices is None:
+        raise ValueError(f"Poisson sampling cannot stand in for the sampler {type(sampler).__name__} (it draws "
+                         f"{len(sampler)} of {n} records). " + _LOADER_FIX)  # type: ignore[arg-type]
+    ids = [int(i) for i in indices]
+    if not ids or len(set(ids)) != len(ids) or min(ids) < 0 or max(ids) >= n:
+        raise ValueError(f"The sampler's indices must be distinct indices in [0, {n}): a repeated index would enter "
+                         "a batch twice. " + _LOADER_FIX)
+    return sorted(ids)
 
 
 class DPDataLoader(DataLoader):
@@ -62,17 +225,34 @@ class DPDataLoader(DataLoader):
 
     sample_rate: float
     expected_batch_size: float
+    on_batch: Callable[[int], None] | None = None
+    """Called with the number of records in each batch just before it is yielded (0 for an empty batch);
+    the engine checks it against the batch dimension every layer sees."""
 
     @classmethod
-    def from_data_loader(cls, data_loader: DataLoader, generator: torch.Generator | None = None) -> "DPDataLoader":
+    def from_data_loader(cls, data_loader: DataLoader, generator: torch.Generator | None = None,
+                         secure: bool = False) -> "DPDataLoader":
+        """Replace ``data_loader``'s sampling with Poisson sampling at q = 1 / len(data_loader).
+
+        A loader with a SubsetRandomSampler (or any sampler with ``indices``) is Poisson-sampled within those
+        indices; a RandomSampler or SequentialSampler over the whole dataset, over all of it. ``secure`` draws
+        from the OS CSPRNG (see ``PoissonBatchSampler``).
+
+        Raises:
+            ValueError: for an iterable dataset, ``batch_size=None``, another sampler or batch_sampler, or a
+                collate function that cannot build an empty batch; each message names the fix.
+        """
         dataset = data_loader.dataset
-        n = len(dataset)  # type: ignore[arg-type]
+        indices = _poisson_domain(data_loader)
+        n = len(dataset) if indices is None else len(indices)  # type: ignore[arg-type]
         steps = len(data_loader)
+        if steps == 0:
+            raise ValueError("The data loader has no batches (drop_last=True with batch_size > len(dataset)?).")
         sample_rate = 1.0 / steps  # as Opacus: expected batch size n / len(loader)
         loader = cls(
             dataset,
-            batch_sampler=PoissonBatchSampler(n, sample_rate, steps, generator),
-            collate_fn=_empty_batch_collate(dataset, data_loader.collate_fn),
+            batch_sampler=PoissonBatchSampler(n, sample_rate, steps, generator, secure=secure, indices=indices),
+            collate_fn=_empty_safe_collate(dataset, 0 if indices is None else indices[0], data_loader.collate_fn),
             num_workers=data_loader.num_workers,
             pin_memory=data_loader.pin_memory,
             timeout=data_loader.timeout,
@@ -84,9 +264,32 @@ class DPDataLoader(DataLoader):
         loader.expected_batch_size = sample_rate * n
         return loader
 
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        callback = self.on_batch
+        if callback is None:
+            return super().__iter__()
+        sampler = self.batch_sampler
+        if not isinstance(sampler, PoissonBatchSampler) or not getattr(self, "in_order", True):
+            raise ValueError("on_batch needs a loader made by DPDataLoader.from_data_loader (a PoissonBatchSampler, "
+                             "batches yielded in order).")
+        sizes: collections.deque[int] = collections.deque()
+        sampler._size_sink = sizes  # every iter(sampler) inside super().__iter__() records into this epoch's deque
+        try:
+            batches = super().__iter__()
+        finally:
+            sampler._size_sink = None
+        return self._reported(batches, sizes, callback)
+
+    @staticmethod
+    def _reported(batches: Iterator[Any], sizes: collections.deque[int],
+                  callback: Callable[[int], None]) -> Iterator[Any]:
+        for batch in batches:  # yielded in sampler order, also with workers, so popleft stays aligned
+            callback(sizes.popleft())
+            yield batch
+
 
 class _ChunkingBatchSampler(Sampler[list[int]]):
-    """Splits each logical batch of indices into physical chunks; records (first, last) of each chunk."""
+    """Splits each logical batch of indices into physical chunks; records (first, last, size) of each chunk."""
 
     def __init__(self, inner: Sampler[list[int]], max_physical: int, ends: collections.deque):
         self.inner, self.max_physical, self.ends = inner, max_physical, ends
@@ -98,8 +301,9 @@ class _ChunkingBatchSampler(Sampler[list[int]]):
         for batch in self.inner:
             pieces = max(1, math.ceil(len(batch) / self.max_physical))
             for i in range(pieces):
-                self.ends.append((i == 0, i == pieces - 1))
-                yield batch[i * self.max_physical:(i + 1) * self.max_physical]
+                chunk = batch[i * self.max_physical:(i + 1) * self.max_physical]
+                self.ends.append((i == 0, i == pieces - 1, len(chunk)))
+                yield chunk
 
 
 class VirtualSteps:
@@ -107,7 +311,9 @@ class VirtualSteps:
 
     The optimizer steps (adds noise, counts a privacy step) only after the last chunk of each logical
     batch; clipped sums accumulate exactly, so the result equals that of the whole logical batch.
-    Equivalent to Opacus' ``BatchMemoryManager``. Use as::
+    Before each chunk it calls ``optimizer.signal_chunk(first, last, size)``, ``size`` being the number of
+    records in that chunk (0 for an empty logical batch). Equivalent to Opacus' ``BatchMemoryManager``.
+    Use as::
 
         for x, y in VirtualSteps(loader, max_physical_batch_size=32, optimizer=optimizer):
             optimizer.zero_grad(); loss_fn(model(x), y).backward(); optimizer.step()
@@ -136,8 +342,8 @@ class VirtualSteps:
         )
         try:
             for batch in chunked:  # DataLoader yields in sampler order, so the flags stay aligned
-                first, last = ends.popleft()
-                self.optimizer.signal_chunk(first, last)
+                first, last, size = ends.popleft()
+                self.optimizer.signal_chunk(first, last, size)
                 yield batch
         finally:
             self.optimizer.end_virtual_steps()
