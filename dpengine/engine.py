@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import warnings
 from typing import Any
 
@@ -25,9 +26,13 @@ class PrivacyEngine:
 
     Args:
         accountant: name of the accountant in ``dpengine.accounting`` ("rdp" or "pld").
-        secure_mode: seed noise and sampling from the OS CSPRNG, and harden noise sampling against
-            floating-point attacks. Use it for real deployments; leave it off for reproducible research.
-        seed: seed for noise and sampling (ignored in secure mode).
+        secure_mode: draw noise and Poisson sampling from the OS CSPRNG (see ``GaussianNoise``), and harden
+            noise sampling against floating-point attacks; nothing that could regenerate the noise is kept
+            or checkpointed. Use it for real deployments; leave it off for reproducible research.
+        seed: seed for noise and sampling, for reproducible runs; must be None in secure mode.
+
+    Raises:
+        ValueError: a seed together with ``secure_mode=True`` (it could not be honoured).
 
     Example::
 
@@ -40,6 +45,10 @@ class PrivacyEngine:
     """
 
     def __init__(self, accountant: str = "rdp", secure_mode: bool = False, seed: int | None = None) -> None:
+        if secure_mode and seed is not None:
+            raise ValueError(f"secure_mode=True draws noise and sampling from the OS CSPRNG and cannot be seeded, "
+                             f"so seed={seed!r} would be silently ignored. Drop the seed for a deployment, or use "
+                             "secure_mode=False for a reproducible research run.")
         self.accountant_name = accountant
         self.accountant = accounting.create_accountant(accountant)
         self.secure_mode = secure_mode
@@ -84,7 +93,12 @@ class PrivacyEngine:
 
         Raises:
             UnsupportedModuleError: listing every layer that cannot be trained privately, with the fix.
+            ValueError: ``optimizer`` is already private (returned by an earlier ``make_private``).
         """
+        if isinstance(optimizer, DPOptimizer):
+            raise ValueError("The optimizer is already a private DPOptimizer from an earlier make_private; wrapping "
+                             "it again would nest two private steps (the gradient lost, every step counted twice). "
+                             "Pass its .original_optimizer instead.")
         non_negative(noise_multiplier=noise_multiplier)
         one_of([m.value for m in GradSampleMode], grad_sample_mode=grad_sample_mode)
         one_of([r.value for r in LossReduction], loss_reduction=loss_reduction)
@@ -96,13 +110,12 @@ class PrivacyEngine:
         self._check_optimizer(module, optimizer)
         policy = make_policy(clipping, max_grad_norm)
 
-        n = len(data_loader.dataset)  # type: ignore[arg-type]
         if poisson_sampling:
             gen = None
             if self._sampling_seed is not None:
                 gen = torch.Generator()
                 gen.manual_seed(self._sampling_seed)
-            data_loader = DPDataLoader.from_data_loader(data_loader, generator=gen)
+            data_loader = DPDataLoader.from_data_loader(data_loader, generator=gen, secure=self.secure_mode)
             sample_rate, expected_batch_size = data_loader.sample_rate, data_loader.expected_batch_size
         else:
             if data_loader.batch_size is None:
@@ -111,11 +124,15 @@ class PrivacyEngine:
                           "fixed-size batches do not provide; the reported epsilon is not a proven guarantee "
                           "for this loader.", stacklevel=2)
             expected_batch_size = float(data_loader.batch_size)
-            sample_rate = expected_batch_size / n
+            sample_rate = expected_batch_size / len(data_loader.dataset)  # type: ignore[arg-type]
 
         self.controller = GradSampleController(
             module, mode=GradSampleMode(grad_sample_mode), clip_factors=policy.factors,
             loss_reduction=LossReduction(loss_reduction))
+        if isinstance(data_loader, DPDataLoader):
+            # every batch the loader yields tells the controller its size: the batch every tracked layer
+            # must see as dimension 0, reduced by exactly one backward
+            data_loader.on_batch = self.controller.note_batch
         self.optimizer = DPOptimizer(
             optimizer, controller=self.controller, noise_multiplier=noise_multiplier,
             sensitivity=policy.sensitivity, expected_batch_size=expected_batch_size, sample_rate=sample_rate,
@@ -139,7 +156,8 @@ class PrivacyEngine:
     ) -> tuple[nn.Module, DPOptimizer, DataLoader]:
         """Like ``make_private`` with the smallest noise multiplier that keeps epsilon <= target after
         ``epochs`` epochs (``epochs * len(data_loader)`` steps). Calibration is conservative, and the
-        target becomes the budget: a step that would exceed it raises ``PrivacyBudgetExhaustedError``."""
+        target becomes the budget, enforced by the same accountant that calibrated: a step that would exceed
+        it raises ``PrivacyBudgetExhaustedError``, and the planned steps always fit."""
         steps = int(epochs) * len(data_loader)
         if poisson_sampling:
             sample_rate = 1.0 / len(data_loader)
@@ -148,10 +166,11 @@ class PrivacyEngine:
         sigma = accounting.get_noise_multiplier(
             target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=sample_rate, steps=steps,
             accountant=self.accountant_name)
-        return self.make_private(module=module, optimizer=optimizer, data_loader=data_loader,
-                                 noise_multiplier=sigma, max_grad_norm=max_grad_norm,
-                                 poisson_sampling=poisson_sampling,
-                                 epsilon_budget=(target_epsilon, target_delta), **kwargs)
+        out = self.make_private(module=module, optimizer=optimizer, data_loader=data_loader,
+                                noise_multiplier=sigma, max_grad_norm=max_grad_norm,
+                                poisson_sampling=poisson_sampling, epsilon_budget=None, **kwargs)
+        out[1].set_budget(target_epsilon, target_delta, planned_steps=steps)
+        return out
 
     @staticmethod
     def _check_optimizer(module: nn.Module, optimizer: Optimizer) -> None:
@@ -171,11 +190,29 @@ class PrivacyEngine:
 
     # ------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """Accountant history and noise generator state (save it with the model and optimizer)."""
+        """Accountant history, secure mode, and (outside secure mode) the noise seed and generator states;
+        save it with the model and optimizer. Plain types and tensors only (``torch.load(weights_only=True)``)."""
         return {"accountant": self.accountant.state_dict(), "noise": self.noise.state_dict(),
-                "steps_taken": self.optimizer.steps_taken if self.optimizer else 0}
+                "secure_mode": self.secure_mode, "steps_taken": self.optimizer.steps_taken if self.optimizer else 0}
+
+    def _check_loadable(self, state: dict[str, Any]) -> None:
+        """Secure mode is never downgraded. A secure engine keeps it whatever it loads (the noise state's
+        seed and generators are ignored). A non-secure engine refuses a secure run's state rather than
+        switching to secure mode: its data loader was already built with seeded sampling, so it could not
+        honour the secure mode the run was started with."""
+        secure_state = bool(state.get("secure_mode", False)) or bool(state.get("noise", {}).get("secure_mode", False))
+        if secure_state and not self.secure_mode:
+            raise ValueError("This state comes from a secure_mode run; continuing it without secure mode would make "
+                             "the rest of its noise and sampling predictable. Load it into "
+                             "PrivacyEngine(secure_mode=True) (without a seed), then make_private as before.")
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict()`` output; the accountant resumes from its history.
+
+        Raises:
+            ValueError: ``state`` comes from a secure-mode run and this engine is not in secure mode.
+        """
+        self._check_loadable(state)
         self.accountant.load_state_dict(state["accountant"])
         self.noise.load_state_dict(state["noise"])
         if self.optimizer is not None:
@@ -189,7 +226,24 @@ class PrivacyEngine:
         torch.save(ckpt, path)
 
     def load_checkpoint(self, path: str, *, module: nn.Module, optimizer: Optimizer | None = None) -> dict[str, Any]:
-        ckpt = torch.load(path, weights_only=False)
+        """Restore model, optimizer and privacy state written by ``save_checkpoint``; returns the checkpoint.
+
+        Only tensors, numbers, strings and containers of them are unpickled (``weights_only=True``):
+        unpickling anything else can run code, so values passed to ``save_checkpoint`` as ``extra`` must
+        be of those types.
+
+        Raises:
+            ValueError: the file holds other objects, or comes from a secure-mode run and this engine is
+                not in secure mode (then nothing is loaded).
+        """
+        try:
+            ckpt = torch.load(path, weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise ValueError(
+                f"{path} holds objects other than tensors, numbers, strings and containers of them, and "
+                "load_checkpoint does not unpickle those (unpickling can run code). Load checkpoints written by "
+                "save_checkpoint, with extra values of plain types only.") from err
+        self._check_loadable(ckpt["engine"])
         module.load_state_dict(ckpt["model"])
         if optimizer is not None and "optimizer" in ckpt:
             optimizer.load_state_dict(ckpt["optimizer"])
@@ -197,7 +251,11 @@ class PrivacyEngine:
         return ckpt
 
     def detach(self) -> None:
-        """Remove capture hooks from the model (it trains non-privately afterwards)."""
+        """Remove capture hooks from the model. Train it non-privately afterwards with
+        ``optimizer.original_optimizer``: the private optimizer refuses to step once detached (it would
+        release noise in place of the gradient while still counting privacy)."""
         if self.controller is not None:
             self.controller.detach()
             self.controller = None
+        if self.optimizer is not None:
+            self.optimizer.detached = True

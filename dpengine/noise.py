@@ -3,19 +3,46 @@
 from __future__ import annotations
 
 import secrets
+import warnings
 
 import torch
 from torch import Tensor
 
 
+def _noise_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the noise is drawn and summed in: float64 stays float64, everything else is float32, so a
+    bf16/fp16 tensor never receives draws made (or summed) on a coarse low-precision grid."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
 class GaussianNoise:
-    """Adds N(0, std^2) noise from engine-owned generators (one per device).
+    """Adds N(0, std^2) noise, in place, from engine-owned generators (one per device).
+
+    Where the randomness comes from:
+
+    * default (``secure_mode=False``): one ``torch.Generator`` per device (Mersenne Twister on CPU, Philox
+      on CUDA), seeded once with ``seed`` (or 63 bits from ``secrets`` when ``seed`` is None). Its state
+      is in ``state_dict``, so a resumed run draws exactly what an uninterrupted one would. Anyone with
+      the seed or a checkpoint can regenerate all noise: for research, not for deployment.
+    * ``secure_mode=True``: every coordinate receives the sum of four independent N(0, std^2 / 4) draws,
+      which blunts floating-point attacks on the low bits of a single Gaussian sample (Mironov 2012; the
+      mitigation Opacus uses). Before *each* of the four draws of each tensor, in every ``add_`` call, the
+      device's generator is reseeded with ``secrets.randbits(64)``, i.e. from the OS CSPRNG
+      (``os.urandom``). The torch generators themselves are not cryptographic, and the CPU one keeps only
+      the low 32 bits of a seed (CUDA's Philox keeps 64), so the four fresh seeds per tensor and step are
+      what makes the noise unpredictable: at least 128 bits, and nothing links one step's noise to
+      another's. No seed or generator state exists to be saved; ``state_dict`` holds only
+      ``{"secure_mode": True}``.
+
+    Draws are made in float32 (float64 for float64 tensors) into a reused scratch buffer and added once,
+    whatever the tensor's dtype.
 
     Args:
-        seed: seed for reproducible runs; ignored in secure mode.
-        secure_mode: seed from the OS CSPRNG and draw each coordinate as the scaled sum of four normals,
-            which blunts floating-point attacks on the low bits of a single Gaussian sample
-            (Mironov 2012; the same mitigation Opacus uses).
+        seed: seed for reproducible runs; must be None in secure mode.
+        secure_mode: draw as described above, never from a seed.
+
+    Raises:
+        ValueError: a seed together with ``secure_mode=True``.
 
     Note on speed: drawing Gaussians is serial on CPU (about 2 ns per value here), a large share of a
     small model's step. A second thread did not help in a training step: the intra-op OpenMP workers
@@ -23,22 +50,30 @@ class GaussianNoise:
     """
 
     def __init__(self, seed: int | None = None, secure_mode: bool = False) -> None:
+        if secure_mode and seed is not None:
+            raise ValueError(f"secure_mode=True draws its noise from the OS CSPRNG and cannot be seeded, so "
+                             f"seed={seed!r} would be ignored. Drop the seed, or use secure_mode=False for a "
+                             "reproducible (research, not deployment) run.")
         self.secure_mode = secure_mode
-        self.seed = secrets.randbits(63) if (secure_mode or seed is None) else int(seed)
+        self.seed: int | None = None if secure_mode else (secrets.randbits(63) if seed is None else int(seed))
         self._generators: dict[str, torch.Generator] = {}
-        self._buffers: dict[tuple[str, torch.dtype], Tensor] = {}
+        self._buffers: dict[tuple[str, torch.dtype, int], Tensor] = {}
 
     def _gen(self, device: torch.device) -> torch.Generator:
+        """The device's generator; in secure mode freshly reseeded from the OS CSPRNG on every call."""
         key = str(device)
-        if key not in self._generators:
-            g = torch.Generator(device=device)
-            g.manual_seed(self.seed)
-            self._generators[key] = g
-        return self._generators[key]
+        gen = self._generators.get(key)
+        if gen is None:
+            gen = self._generators[key] = torch.Generator(device=device)
+            if self.seed is not None:
+                gen.manual_seed(self.seed)
+        if self.secure_mode:
+            gen.manual_seed(secrets.randbits(64))
+        return gen
 
-    def _scratch(self, device: torch.device, dtype: torch.dtype, numel: int) -> Tensor:
+    def _scratch(self, device: torch.device, dtype: torch.dtype, numel: int, slot: int = 0) -> Tensor:
         """A reused buffer: fresh large allocations cost page faults on every step."""
-        key = (str(device), dtype)
+        key = (str(device), dtype, slot)
         buf = self._buffers.get(key)
         if buf is None or buf.numel() < numel:
             buf = self._buffers[key] = torch.empty(numel, device=device, dtype=dtype)
@@ -53,17 +88,46 @@ class GaussianNoise:
             return
         draws, s = (4, std / 2) if self.secure_mode else (1, std)
         for t in tensors:
-            gen = self._gen(t.device)
-            buf = self._scratch(t.device, t.dtype, t.numel()).view_as(t)
-            for _ in range(draws):
-                t.add_(buf.normal_(0.0, s, generator=gen))
+            work = _noise_dtype(t.dtype)
+            buf = self._scratch(t.device, work, t.numel()).view_as(t)
+            if draws == 1 or t.dtype == work:
+                # one rounding per draw into t's own (float32/64) precision, or a single draw added once
+                for _ in range(draws):
+                    t.add_(buf.normal_(0.0, s, generator=self._gen(t.device)))
+                continue
+            # low precision and four draws: sum them in float32, then round into t once
+            total = self._scratch(t.device, work, t.numel(), slot=1).view_as(t)
+            total.normal_(0.0, s, generator=self._gen(t.device))
+            for _ in range(draws - 1):
+                total.add_(buf.normal_(0.0, s, generator=self._gen(t.device)))
+            t.add_(total)
 
     def state_dict(self) -> dict:
-        return {"seed": self.seed, "secure_mode": self.secure_mode,
+        """Seed and generator states, so a resumed run continues the same noise stream; in secure mode
+        only ``{"secure_mode": True}``: there is nothing that could regenerate past noise."""
+        if self.secure_mode:
+            return {"secure_mode": True}
+        return {"seed": self.seed, "secure_mode": False,
                 "generators": {d: g.get_state() for d, g in self._generators.items()}}
 
     def load_state_dict(self, sd: dict) -> None:
-        self.seed, self.secure_mode = sd["seed"], sd["secure_mode"]
+        """Restore a non-secure stream. Secure mode is never downgraded: a secure instance ignores a
+        non-secure state (with a warning) and keeps drawing from the OS CSPRNG; a non-secure instance
+        refuses a secure state, which has no stream to continue.
+
+        Raises:
+            ValueError: ``sd`` comes from secure mode and this instance is not.
+        """
+        if self.secure_mode:
+            if not sd.get("secure_mode", False):
+                warnings.warn("The noise state comes from a run without secure_mode; its seed and generator "
+                              "states are ignored, and noise stays drawn from the OS CSPRNG.", stacklevel=2)
+            return
+        if sd.get("secure_mode", False):
+            raise ValueError("This noise state comes from a secure_mode run; a non-secure engine would continue "
+                             "it with predictable, seeded noise. Load it into PrivacyEngine(secure_mode=True) "
+                             "(without a seed).")
+        self.seed = int(sd["seed"])
         self._generators = {}
         for device, state in sd["generators"].items():
             self._gen(torch.device(device)).set_state(state)

@@ -7,19 +7,43 @@ controller. ``step()`` adds Gaussian noise N(0, (sigma * C)^2) once, divides by 
 
 from __future__ import annotations
 
+import copy
+import functools
 import warnings
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from . import accounting
 from .grad_sample.controller import GradSampleController, LossReduction
 from .noise import GaussianNoise
+
+Segment = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps), as the accountants record them
+
+_ORDERS = np.asarray(accounting.DEFAULT_ORDERS, dtype=np.float64)
 
 
 class PrivacyBudgetExhaustedError(RuntimeError):
     """Raised instead of taking a step that would spend more than the privacy budget."""
+
+
+@functools.lru_cache(maxsize=1024)
+def _step_rdp(noise_multiplier: float, sample_rate: float) -> np.ndarray:
+    """RDP of one step at each default order; cached, since a schedule revisits few (sigma, q) pairs."""
+    rdp = accounting.rdp_subsampled_gaussian(sample_rate, noise_multiplier, _ORDERS)
+    rdp.flags.writeable = False
+    return rdp
+
+
+def _segments(accountant: Any) -> list[Segment]:
+    """The accountant's live list of segments, only read. ``Accountant.history`` returns a copy, linear in
+    the number of segments (up to one per step under a noise schedule); the budget check runs every step,
+    so it reads the list that ``dpengine.accounting.Accountant`` keeps in ``_history``."""
+    live = getattr(accountant, "_history", None)
+    return live if isinstance(live, list) else list(accountant.history)
 
 
 class DPOptimizer(Optimizer):
@@ -33,6 +57,9 @@ class DPOptimizer(Optimizer):
         expected_batch_size: q * N, fixed at ``make_private`` (divides the noisy sum for mean reduction).
         sample_rate: q, recorded with the accountant each step.
         accountant: an accountant from ``dpengine.accounting`` (``step(noise_multiplier=, sample_rate=)``).
+
+    ``noise_multiplier`` and ``sample_rate`` may be changed between steps (a noise schedule); each step is
+    recorded with the values it used, and a budget (``set_budget``) is enforced against that history.
     """
 
     def __init__(
@@ -66,56 +93,127 @@ class DPOptimizer(Optimizer):
         self._in_virtual_steps = False  # chunks of one logical batch are being accumulated
         self._warned_eval = False
         self.steps_taken = 0
+        #: set by ``PrivacyEngine.detach``: the capture hooks are gone, and every later step is refused
+        self.detached = False
         self.budget: tuple[float, float] | None = None  # (epsilon, delta) never to be exceeded
+        self._planned: tuple[float, float] | None = None  # the (sigma, q) that _max_steps was computed for
         self._max_steps: int | None = None
+        # RDP of the accountant's history at _ORDERS, and (list, length, last segment) of the history it covers
+        self._rdp_total = np.zeros_like(_ORDERS)
+        self._rdp_seen: tuple[object, int, Segment | None] = (None, 0, None)
 
-    def set_budget(self, epsilon: float, delta: float) -> None:
-        """Refuse any step after which epsilon at ``delta`` would exceed ``epsilon``."""
-        from . import accounting
+    # ------------------------------------------------------------------------------------------ budget
+    def set_budget(self, epsilon: float, delta: float, *, planned_steps: int | None = None) -> None:
+        """Refuse any step after which epsilon at ``delta``, by the engine's own accountant, would exceed
+        ``epsilon``.
 
+        The check is against the history actually recorded, so it holds when ``noise_multiplier`` or
+        ``sample_rate`` change later (a noise schedule). While every step is taken at the (sigma, q) of this
+        call it is only a comparison with the number of steps affordable at them, computed here; with a
+        slow accountant (PLD) that search costs seconds, so ``planned_steps``, the step count a calibration
+        planned for (``make_private_with_epsilon``), is tried first: it is usually the answer.
+
+        Raises:
+            ValueError: ``epsilon`` not positive, or ``delta`` not in (0, 1).
+        """
+        if not float(epsilon) > 0:
+            raise ValueError(f"Expected epsilon={epsilon!r} > 0 for the budget.")
         self.budget = (float(epsilon), float(delta))
-        # Enforced with RDP whatever the reporting accountant: its epsilon is never below PLD's, so the
-        # check is conservative, and it is fast. Steps affordable from scratch at this (sigma, q):
+        self._planned = (float(self.noise_multiplier), float(self.sample_rate))
+        self._max_steps = self._affordable_steps(planned_steps)
+
+    def _accountant_name(self) -> str | None:
+        """The registry name that rebuilds this accountant for ``dpengine.accounting``'s solvers, if any."""
+        name = getattr(self.accountant, "name", None)
+        factory = accounting.ACCOUNTANTS.get(name) if isinstance(name, str) else None
+        return name if factory is not None and type(factory()) is type(self.accountant) else None
+
+    def _affordable_steps(self, hint: int | None) -> int | None:
+        """Steps affordable from an empty history at the planned (sigma, q), by the engine's accountant; None
+        when there is no finite count (q = 0) or no solver for the accountant: every step is then checked
+        against the history."""
+        name = self._accountant_name()
+        if name is None or self.budget is None or self._planned is None:
+            return None
+        eps, delta = self.budget
+        sigma, q = self._planned
+
+        def eps_of(steps: int) -> float:
+            return accounting.get_epsilon(sigma, q, steps, delta, accountant=name)
+
+        if hint is not None and hint >= 1 and eps_of(hint) <= eps < eps_of(hint + 1):
+            return int(hint)
         try:
-            self._max_steps = accounting.get_max_steps(
-                target_epsilon=epsilon, target_delta=delta, sample_rate=self.sample_rate,
-                noise_multiplier=self.noise_multiplier)
-        except ValueError:  # not even one step fits, or it never runs out (sigma large, q = 0)
-            self._max_steps = None
+            return accounting.get_max_steps(target_epsilon=eps, target_delta=delta, sample_rate=q,
+                                            noise_multiplier=sigma, accountant=name)
+        except ValueError:  # not even one step fits, or the budget never runs out
+            return 0 if eps_of(1) > eps else None
+
+    def _history_rdp(self) -> np.ndarray:
+        """RDP of the accountant's history at ``_ORDERS``, updated incrementally: only steps recorded since
+        the last call are added. A history replaced (``load_state_dict``) or rewritten is summed afresh."""
+        segs = _segments(self.accountant)
+        seen, n, last = self._rdp_seen
+        if seen is segs and (n == 0 or (last is not None and len(segs) >= n and segs[n - 1][:2] == last[:2]
+                                        and segs[n - 1][2] >= last[2])):
+            total, start = self._rdp_total.copy(), n
+            if last is not None and segs[n - 1][2] > last[2]:  # more steps merged into the last segment
+                total += (segs[n - 1][2] - last[2]) * _step_rdp(last[0], last[1])
+        else:
+            total, start = np.zeros_like(_ORDERS), 0
+        for sigma, q, steps in segs[start:]:
+            if steps:
+                total += steps * _step_rdp(float(sigma), float(q))
+        self._rdp_total, self._rdp_seen = total, (segs, len(segs), segs[-1] if segs else None)
+        return total
+
+    def _epsilon_after_step(self, sigma: float, q: float, delta: float) -> float:
+        """Epsilon of the recorded history plus one step at (sigma, q), by the engine's accountant or an
+        upper bound on it (never below what the accountant will report)."""
+        if type(self.accountant) is accounting.RDPAccountant:
+            # RDP adds up over steps: a running sum plus this step, converted at the default orders. The
+            # accountant also tries orders between them, so what it reports is never above this; the 1e-9
+            # covers rounding from summing in another order than it does.
+            rdp = (self._history_rdp() + _step_rdp(sigma, q)) * (1 + 1e-9)
+            return float(np.min(accounting.epsilon_from_rdp(_ORDERS, rdp, delta)))
+        trial = copy.deepcopy(self.accountant)  # e.g. PLD: compose the whole history again (slow, exact)
+        trial.step(noise_multiplier=sigma, sample_rate=q)
+        return float(trial.get_epsilon(delta))
 
     def _check_budget(self) -> None:
         if self.budget is None:
             return
         eps, delta = self.budget
-        history = self.accountant.history
-        homogeneous = all(s[0] == self.noise_multiplier and s[1] == self.sample_rate for s in history)
-        if homogeneous and self._max_steps is not None:
-            exceeded = self.accountant.total_steps + 1 > self._max_steps
-        else:  # a resumed or heterogeneous history: replay it with RDP plus this step
-            from . import accounting
-
-            trial = accounting.RDPAccountant()
-            for sigma, q, n in history:
-                trial.step(noise_multiplier=sigma, sample_rate=q, num_steps=n)
-            trial.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
-            exceeded = trial.get_epsilon(delta) > eps
+        sigma, q = float(self.noise_multiplier), float(self.sample_rate)
+        segs = _segments(self.accountant)
+        planned = self._planned
+        if self._max_steps is not None and (sigma, q) == planned and (
+                not segs or (len(segs) == 1 and tuple(segs[0][:2]) == planned)):
+            # every step so far and this one at the (sigma, q) the affordable count was computed for
+            exceeded = (segs[0][2] if segs else 0) + 1 > self._max_steps
+        else:
+            exceeded = self._epsilon_after_step(sigma, q, delta) > eps
         if exceeded:
             raise PrivacyBudgetExhaustedError(
                 f"The privacy budget epsilon={eps:g} at delta={delta:g} is spent after "
-                f"{self.accountant.total_steps} steps (now epsilon={self.accountant.get_epsilon(delta):.4g}); this step "
-                "was refused and the model is unchanged. Stop training here, or plan a larger budget "
-                "(make_private_with_epsilon with more epochs) from the start.")
+                f"{self.accountant.total_steps} steps (now epsilon={self.accountant.get_epsilon(delta):.4g}, and this "
+                f"step at noise_multiplier={sigma:g}, sample_rate={q:g} would exceed it); the step was refused and "
+                "the model is unchanged. Stop training here, or plan a larger budget (make_private_with_epsilon "
+                "with more epochs) from the start; a lower noise multiplier or higher sample rate than planned "
+                "spends it faster.")
 
     @property
     def params(self) -> list[nn.Parameter]:
         return [p for group in self.param_groups for p in group["params"]]
 
-    def signal_chunk(self, first: bool, last: bool) -> None:
+    def signal_chunk(self, first: bool, last: bool, size: int) -> None:
         """Virtual steps (used by ``VirtualSteps``): within one logical batch, ``zero_grad`` clears only
-        before the first physical chunk and ``step`` applies only after the last one."""
+        before the first physical chunk and ``step`` applies only after the last one. ``size`` is the
+        number of records in the chunk: the batch every tracked layer must see, reduced once."""
         self._keep_grads = not first
         self._skip_next = not last
         self._in_virtual_steps = True
+        self.controller.note_batch(size)
 
     def end_virtual_steps(self) -> None:
         self._keep_grads = self._skip_next = self._in_virtual_steps = False
@@ -142,33 +240,37 @@ class DPOptimizer(Optimizer):
                     "make_private after setting requires_grad on every parameter you want to train.")
             grad = sums.get(p)
             if grad is None:  # no sample touched it (e.g. an empty Poisson batch): noise only
-                grad = torch.zeros_like(p)
+                grad = torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32))
             grads.append((p, grad.contiguous()))
         # the sums are engine-owned buffers: noise goes in place, added once per logical step
         # the clipped sums already carry the 1 / expected batch size of a mean reduction (the controller
         # folds it into the per-sample factors), so the noise is scaled the same way: no extra pass
         self.noise.add_([g for _, g in grads], self.noise_multiplier * self.sensitivity * self.controller.output_scale)
         for p, grad in grads:
-            p.grad = grad
-            self.controller.mark_written(p, grad)
+            # sums of low-precision parameters are kept and noised in float32; rounding the noisy sum
+            # to the parameter's dtype is post-processing
+            p.grad = grad if grad.dtype == p.dtype else grad.to(p.dtype)
+            self.controller.mark_written(p, p.grad)
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        if self.detached:
+            raise RuntimeError(
+                "This private optimizer was detached (PrivacyEngine.detach() removed the per-sample capture), so "
+                "a step would release noise in place of the gradient while still counting privacy; it was "
+                "refused. For non-private training use optimizer.original_optimizer; to train privately again, "
+                "call make_private with optimizer.original_optimizer.")
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        problem = self.controller.step_problem(in_virtual_steps=self._in_virtual_steps)
+        if problem is not None:  # checked on every chunk: a repeated chunk is refused before it accumulates
+            self.controller.clear()
+            self._skip_next = False
+            raise RuntimeError(f"The private step was refused and the model is unchanged: {problem}")
         if self._skip_next:
             self._skip_next = False
             return loss
-        if self.controller.batches_accumulated > 1 and not self._in_virtual_steps:
-            n = self.controller.batches_accumulated
-            self.controller.clear()
-            raise RuntimeError(
-                f"{n} backward passes were accumulated since the last step. dpengine clips each backward on "
-                "its own, so a sample that took part in two of them would contribute up to 2 * max_grad_norm "
-                "and break the privacy guarantee; the step was refused. To split one logical batch into "
-                "physical chunks use dpengine.VirtualSteps; to combine several losses, add them and call "
-                "backward once.")
         if not self.controller.module.training and not self._warned_eval:
             self._warned_eval = True
             warnings.warn("A private step was taken with the model in eval mode (dropout off, and layers that "

@@ -80,7 +80,8 @@ def run(cfg: TrainConfig, private: bool = True, progress: bool = True) -> RunRes
     engine = None
     p = cfg.privacy
     if private:
-        engine = PrivacyEngine(accountant=p.accountant, secure_mode=p.secure_mode, seed=cfg.training.seed)
+        engine = PrivacyEngine(accountant=p.accountant, secure_mode=p.secure_mode,
+                               seed=None if p.secure_mode else cfg.training.seed)
         common = dict(module=model, optimizer=optimizer, data_loader=loader, max_grad_norm=p.max_grad_norm,
                       clipping=p.clipping, grad_sample_mode=p.grad_sample_mode)
         if p.target_epsilon is not None:

@@ -1,0 +1,390 @@
+"""Regressions from an adversarial review of the engine: budget enforcement under schedules and PLD, secure
+mode, checkpoint loading, detach, and noise for low-precision tensors."""
+
+from __future__ import annotations
+
+import math
+import secrets
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import dpengine.accounting as accounting
+import dpengine.optimizer as dp_optimizer
+from dpengine import PrivacyBudgetExhaustedError, PrivacyEngine
+from dpengine.noise import GaussianNoise
+
+DELTA = 1e-5
+
+
+def _mlp(dtype: torch.dtype = torch.float32) -> nn.Module:
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).to(dtype)
+
+
+def _loader(n: int = 100, batch: int = 10, dtype: torch.dtype = torch.float32) -> DataLoader:
+    return DataLoader(TensorDataset(torch.randn(n, 6, dtype=dtype), torch.randint(0, 3, (n,))), batch_size=batch)
+
+
+def _with_epsilon(target: float, *, accountant: str = "rdp", n: int = 100, batch: int = 10, epochs: int = 2):
+    """A private model whose budget ``target`` is planned for ``epochs * n / batch`` steps."""
+    engine = PrivacyEngine(accountant=accountant, seed=0)
+    model = _mlp()
+    model, opt, dl = engine.make_private_with_epsilon(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=_loader(n, batch),
+        target_epsilon=target, target_delta=DELTA, epochs=epochs, max_grad_norm=1.0)
+    return engine, model, opt, dl
+
+
+def _train(model: nn.Module, opt: torch.optim.Optimizer, dl: DataLoader, steps: int, before_step=None) -> int:
+    """Up to ``steps`` private steps over the loader (as many epochs as needed); ``before_step(i, opt)``
+    runs before step ``i``. Returns the number of steps taken (a refused step raises)."""
+    done = 0
+    while done < steps:
+        for x, y in dl:
+            if done == steps:
+                break
+            if before_step is not None:
+                before_step(done, opt)
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            done += 1
+    return done
+
+
+def _walk(obj, path: str = ""):
+    """Every (path, value) in a nest of dicts, lists and tuples."""
+    yield path, obj
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _walk(v, f"{path}/{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _walk(v, f"{path}/{i}")
+
+
+# ---------------------------------------------------------------------------------------- 1. budget vs history
+def _scale_noise_at(step: int, factor: float):
+    def schedule(i: int, opt) -> None:
+        if i == step:
+            opt.noise_multiplier *= factor
+    return schedule
+
+
+def _double_sample_rate_at(step: int):
+    def schedule(i: int, opt) -> None:
+        if i == step:
+            opt.sample_rate *= 2
+    return schedule
+
+
+@pytest.mark.parametrize("start, change", [
+    (0, _scale_noise_at(0, 0.5)), (0, _double_sample_rate_at(0)), (5, _scale_noise_at(5, 0.8)),
+    (5, _double_sample_rate_at(5))], ids=["sigma*0.5@0", "q*2@0", "sigma*0.8@5", "q*2@5"])
+def test_budget_holds_when_sigma_or_q_change_after_set_budget(start, change):
+    """The budget is planned for 20 steps at the calibrated (sigma, q); from step ``start`` on, they change
+    (a schedule that starts at once leaves a history of steps at the new values only)."""
+    engine, model, opt, dl = _with_epsilon(2.0)
+    planned = 20
+    with pytest.raises(PrivacyBudgetExhaustedError, match="epsilon=2"):
+        _train(model, opt, dl, planned, before_step=change)
+    assert start <= engine.accountant.total_steps < planned  # the change spent the budget before the plan ended
+    assert engine.get_epsilon(DELTA) <= 2.0
+    # the refused step was the first one that would have exceeded it
+    trial = accounting.RDPAccountant()
+    trial.load_state_dict(engine.accountant.state_dict())
+    trial.step(noise_multiplier=opt.noise_multiplier, sample_rate=opt.sample_rate)
+    assert trial.get_epsilon(DELTA) > 2.0
+
+
+def test_unchanged_schedule_runs_every_planned_step_then_stops():
+    engine, model, opt, dl = _with_epsilon(2.0)
+    assert _train(model, opt, dl, 20) == 20
+    assert 0.99 * 2.0 <= engine.get_epsilon(DELTA) <= 2.0
+    with pytest.raises(PrivacyBudgetExhaustedError):
+        _train(model, opt, dl, 1)
+
+
+def test_budget_check_is_incremental_under_a_changing_schedule(monkeypatch):
+    """A schedule that changes sigma every step makes one history segment per step; the check adds this
+    step's RDP to a running sum instead of recomputing every segment (or calling the accountant)."""
+    engine = PrivacyEngine(seed=0)
+    model = _mlp()
+    model, opt, dl = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                         data_loader=_loader(), noise_multiplier=1.0, max_grad_norm=1.0,
+                                         epsilon_budget=(20.0, DELTA))
+    rdp_calls, eps_calls = [], []
+    real_rdp, real_eps = accounting.rdp_subsampled_gaussian, accounting.accountants.compute_epsilon
+
+    def counting_rdp(*args, **kwargs):
+        rdp_calls.append(args)
+        return real_rdp(*args, **kwargs)
+
+    def counting_eps(*args, **kwargs):
+        eps_calls.append(args)
+        return real_eps(*args, **kwargs)
+
+    dp_optimizer._step_rdp.cache_clear()
+    monkeypatch.setattr(accounting, "rdp_subsampled_gaussian", counting_rdp)
+    monkeypatch.setattr(accounting.accountants, "compute_epsilon", counting_eps)
+    _train(model, opt, dl, 30, before_step=lambda i, o: setattr(o, "noise_multiplier", (1.0, 1.25)[i % 2]))
+    assert len(engine.accountant.history) == 30
+    assert len(rdp_calls) == 2  # one per distinct (sigma, q), never per segment of the history
+    assert eps_calls == []
+
+
+# ---------------------------------------------------------------------------------------- 2. enforce with PLD
+def test_pld_calibrated_budget_is_enforced_with_pld():
+    """Calibrated with PLD, the budget must not be enforced with (looser) RDP, which stops early."""
+    engine, model, opt, dl = _with_epsilon(0.5, accountant="pld", n=40, batch=10, epochs=2)
+    assert _train(model, opt, dl, 8) == 8  # every planned step (RDP would allow 6 at this sigma)
+    assert engine.get_epsilon(DELTA) <= 0.5
+    assert accounting.get_epsilon(opt.noise_multiplier, opt.sample_rate, 8, DELTA, "rdp") > 0.5
+    with pytest.raises(PrivacyBudgetExhaustedError):
+        _train(model, opt, dl, 1)
+
+
+def test_pld_budget_checks_a_heterogeneous_history_with_pld():
+    """4 steps at sigma 8 then steps at sigma 5 (q = 1/4), budget 0.43: PLD affords 3 of the latter (RDP 2)."""
+    engine = PrivacyEngine(accountant="pld", seed=0)
+    model = _mlp()
+    model, opt, dl = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                         data_loader=_loader(40, 10), noise_multiplier=8.0, max_grad_norm=1.0)
+    engine.accountant.step(noise_multiplier=8.0, sample_rate=0.25, num_steps=4)  # a resumed history
+    opt.noise_multiplier = 5.0  # then a noise schedule
+    opt.set_budget(0.43, DELTA)
+    with pytest.raises(PrivacyBudgetExhaustedError):
+        _train(model, opt, dl, 10)
+    assert engine.accountant.history == [(8.0, 0.25, 4), (5.0, 0.25, 3)]
+    assert engine.get_epsilon(DELTA) <= 0.43
+    trial = accounting.PLDAccountant()
+    trial.load_state_dict(engine.accountant.state_dict())
+    trial.step(noise_multiplier=5.0, sample_rate=0.25)
+    assert trial.get_epsilon(DELTA) > 0.43  # refused exactly when PLD says the budget is spent
+
+
+# ---------------------------------------------------------------------------------------- 3. secure mode
+def test_secure_mode_with_a_seed_is_refused():
+    with pytest.raises(ValueError, match="seed"):
+        PrivacyEngine(secure_mode=True, seed=42)
+    with pytest.raises(ValueError, match="seed"):
+        GaussianNoise(seed=42, secure_mode=True)
+
+
+def _secure_private():
+    engine = PrivacyEngine(secure_mode=True)
+    model = _mlp()
+    model, opt, dl = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                         data_loader=_loader(), noise_multiplier=1.0, max_grad_norm=1.0)
+    return engine, model, opt, dl
+
+
+def test_secure_state_and_checkpoint_hold_nothing_that_regenerates_noise(tmp_path):
+    engine, model, opt, dl = _secure_private()
+    _train(model, opt, dl, 3)
+    for state in (engine.state_dict(), engine.noise.state_dict()):
+        assert state["secure_mode"] is True
+        for path, value in _walk(state):
+            assert not path.endswith(("/seed", "/generators")), path
+            assert not isinstance(value, torch.Tensor), path  # generator states are byte tensors
+    engine.save_checkpoint(str(tmp_path / "c.pt"), module=model, optimizer=opt)
+    saved = torch.load(tmp_path / "c.pt", weights_only=True)["engine"]
+    assert saved["secure_mode"] is True and set(saved["noise"]) == {"secure_mode"}
+
+
+def test_secure_mode_samples_batches_from_the_os_csprng():
+    """Needs ``DPDataLoader.from_data_loader(..., secure=)``: the Poisson sampler keeps no torch.Generator."""
+    _, _, _, dl = _secure_private()
+    assert dl.batch_sampler.secure is True
+
+
+def test_secure_engine_loading_a_seeded_checkpoint_stays_secure(tmp_path):
+    seeded = PrivacyEngine(seed=7)
+    model = _mlp()
+    model, opt, dl = seeded.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                         data_loader=_loader(), noise_multiplier=1.0, max_grad_norm=1.0)
+    _train(model, opt, dl, 2)
+    path = str(tmp_path / "seeded.pt")
+    seeded.save_checkpoint(path, module=model, optimizer=opt)
+
+    replay = PrivacyEngine(seed=123)  # a non-secure engine continues the checkpoint's noise stream exactly
+    model_r = _mlp()
+    model_r, opt_r, _ = replay.make_private(module=model_r, optimizer=torch.optim.SGD(model_r.parameters(), lr=0.1),
+                                            data_loader=_loader(), noise_multiplier=1.0, max_grad_norm=1.0)
+    replay.load_checkpoint(path, module=model_r, optimizer=opt_r)
+
+    secure, model_s, opt_s, _ = _secure_private()
+    with pytest.warns(UserWarning, match="secure"):
+        secure.load_checkpoint(path, module=model_s, optimizer=opt_s)
+    assert secure.secure_mode and secure.noise.secure_mode
+    assert secure.state_dict()["noise"] == {"secure_mode": True}
+    assert secure.accountant.total_steps == 2  # the privacy history is still taken over
+    expected, drawn = torch.zeros(2000), torch.zeros(2000)
+    replay.noise.add_([expected], 1.0)
+    secure.noise.add_([drawn], 1.0)
+    assert not torch.allclose(expected, drawn)
+    assert abs(drawn.std().item() - 1.0) < 0.1
+
+
+def test_seeded_engine_refuses_a_secure_checkpoint_and_loads_nothing(tmp_path):
+    secure, model_s, opt_s, dl = _secure_private()
+    _train(model_s, opt_s, dl, 1)
+    path = str(tmp_path / "secure.pt")
+    secure.save_checkpoint(path, module=model_s, optimizer=opt_s)
+    engine = PrivacyEngine(seed=1)
+    model = _mlp()
+    before = [p.detach().clone() for p in model.parameters()]
+    model, opt, _ = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                        data_loader=_loader(), noise_multiplier=1.0, max_grad_norm=1.0)
+    with pytest.raises(ValueError, match="secure_mode=True"):
+        engine.load_checkpoint(path, module=model, optimizer=opt)
+    with pytest.raises(ValueError, match="secure_mode=True"):
+        engine.load_state_dict(secure.state_dict())
+    assert not engine.secure_mode and engine.accountant.total_steps == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_secure_noise_is_reseeded_from_the_os_csprng_for_every_draw(monkeypatch):
+    noise = GaussianNoise(secure_mode=True)
+    calls = []
+
+    def fake_randbits(k: int) -> int:
+        calls.append(k)
+        return 12345  # a constant "CSPRNG": the noise must then be a function of it alone
+
+    monkeypatch.setattr(secrets, "randbits", fake_randbits)
+    a, b = torch.zeros(500), torch.zeros(500)
+    noise.add_([a], 1.0)
+    noise.add_([b], 1.0)
+    assert len(calls) == 8 and set(calls) == {64}  # four draws per tensor, each call
+    assert torch.equal(a, b)
+
+
+def test_two_secure_engines_draw_different_noise():
+    a, b = torch.zeros(1000), torch.zeros(1000)
+    PrivacyEngine(secure_mode=True).noise.add_([a], 1.0)
+    PrivacyEngine(secure_mode=True).noise.add_([b], 1.0)
+    assert not torch.allclose(a, b)
+
+
+# ---------------------------------------------------------------------------------------- 4. checkpoint loading
+_UNPICKLED: list[str] = []
+
+
+def _payload_ran(tag: str) -> str:
+    _UNPICKLED.append(tag)
+    return tag
+
+
+class _Payload:
+    """An object whose unpickling runs code (here: records that it ran)."""
+
+    def __reduce__(self):
+        return _payload_ran, ("ran",)
+
+
+def test_checkpoint_with_an_arbitrary_pickled_object_is_refused(tmp_path):
+    engine = PrivacyEngine(seed=0)
+    model = _mlp()
+    model, opt, _ = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                        data_loader=_loader(), noise_multiplier=1.0, max_grad_norm=1.0)
+    path = str(tmp_path / "evil.pt")
+    engine.save_checkpoint(path, module=model, optimizer=opt, note=_Payload())
+    _UNPICKLED.clear()
+    with pytest.raises(ValueError, match="unpickl"):
+        engine.load_checkpoint(path, module=model, optimizer=opt)
+    assert _UNPICKLED == []
+
+
+def test_checkpoint_resumes_the_seeded_noise_stream_with_weights_only(tmp_path):
+    engine = PrivacyEngine(seed=3)
+    model = _mlp()
+    model, opt, dl = engine.make_private(module=model, optimizer=torch.optim.Adam(model.parameters(), lr=0.01),
+                                         data_loader=_loader(), noise_multiplier=1.0, max_grad_norm=1.0)
+    _train(model, opt, dl, 3, before_step=lambda i, o: setattr(o, "noise_multiplier", 1.0 + 0.1 * i))
+    path = str(tmp_path / "c.pt")
+    engine.save_checkpoint(path, module=model, optimizer=opt, epoch=1, tag="run-a")
+    engine2 = PrivacyEngine(seed=99)
+    model2 = _mlp()
+    model2, opt2, _ = engine2.make_private(module=model2, optimizer=torch.optim.Adam(model2.parameters(), lr=0.01),
+                                           data_loader=_loader(), noise_multiplier=1.0, max_grad_norm=1.0)
+    ckpt = engine2.load_checkpoint(path, module=model2, optimizer=opt2)
+    assert ckpt["epoch"] == 1 and ckpt["tag"] == "run-a"
+    assert engine2.accountant.history == engine.accountant.history and len(engine2.accountant.history) == 3
+    a, b = torch.zeros(100), torch.zeros(100)
+    engine.noise.add_([a], 1.0)
+    engine2.noise.add_([b], 1.0)
+    assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------- 5. detach
+def test_detached_private_optimizer_refuses_to_step_and_cannot_be_wrapped_again():
+    engine = PrivacyEngine(seed=0)
+    model = _mlp()
+    model, opt, dl = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                         data_loader=_loader(), noise_multiplier=1.0, max_grad_norm=1.0)
+    _train(model, opt, dl, 1)
+    engine.detach()
+    x, y = next(iter(dl))
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="original_optimizer"):
+        opt.step()
+    assert engine.accountant.total_steps == 1
+    opt.original_optimizer.step()  # non-private training goes on with the real gradient
+
+    with pytest.raises(ValueError, match="original_optimizer"):
+        PrivacyEngine().make_private(module=model, optimizer=opt, data_loader=_loader(), noise_multiplier=1.0,
+                                     max_grad_norm=1.0)
+    _, opt2, dl2 = PrivacyEngine().make_private(module=model, optimizer=opt.original_optimizer,
+                                                data_loader=_loader(), noise_multiplier=1.0, max_grad_norm=1.0)
+    assert _train(model, opt2, dl2, 2) == 2
+
+
+def test_make_private_refuses_a_private_optimizer_of_a_live_engine():
+    model = _mlp()
+    _, opt, _ = PrivacyEngine().make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                             data_loader=_loader(), noise_multiplier=1.0, max_grad_norm=1.0)
+    with pytest.raises(ValueError, match="original_optimizer"):
+        PrivacyEngine().make_private(module=model, optimizer=opt, data_loader=_loader(), noise_multiplier=1.0,
+                                     max_grad_norm=1.0)
+
+
+# ---------------------------------------------------------------------------------------- 6. low precision
+@pytest.mark.parametrize("secure", [False, True])
+def test_noise_for_bfloat16_is_drawn_in_float32_and_rounded_once(secure):
+    """bf16 has 8 bits of mantissa: near 1.0 its spacing is 2**-8 to 2**-7. Noise of std 2e-3 added in one
+    rounding survives as roughly N(0, std) rounded; four separate bf16 additions (secure mode) of N(0,
+    std/2) each round back to 1.0 nearly always, and the noise all but vanishes."""
+    std, n = 2e-3, 200_000
+    t = torch.ones(n, dtype=torch.bfloat16)
+    noise = GaussianNoise(secure_mode=True) if secure else GaussianNoise(seed=0)
+    noise.add_([t], std)
+    g = torch.Generator().manual_seed(0)
+    reference = (1.0 + std * torch.randn(n, dtype=torch.float64, generator=g)).to(torch.bfloat16)
+    got, want = (t.double() - 1).std().item(), (reference.double() - 1).std().item()
+    assert abs(got / want - 1) < 0.05, (got, want)
+    zeros = torch.zeros(n, dtype=torch.bfloat16)
+    noise.add_([zeros], 0.3)
+    assert abs(zeros.double().std().item() / 0.3 - 1) < 0.02
+
+
+def test_bfloat16_model_gets_a_bfloat16_noisy_gradient_of_the_right_std():
+    sigma, c, batch = 2.0, 0.5, 20
+    model = nn.Linear(40, 30).to(torch.bfloat16)
+    engine = PrivacyEngine(seed=0)
+    model, opt, dl = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+        data_loader=DataLoader(TensorDataset(torch.randn(100, 40, dtype=torch.bfloat16)), batch_size=batch),
+        noise_multiplier=sigma, max_grad_norm=c)
+    (x,) = next(iter(dl))
+    opt.zero_grad()
+    (0.0 * model(x).sum()).backward()
+    opt.step()
+    assert all(p.grad.dtype == torch.bfloat16 for p in model.parameters())
+    noise = torch.cat([p.grad.double().flatten() for p in model.parameters()])
+    assert abs(noise.std().item() / (sigma * c / batch) - 1) < 0.1
+    assert math.isfinite(engine.get_epsilon(DELTA))
