@@ -15,6 +15,7 @@ _LAZY = {
     "DPOptimizer": "dpengine.optimizer",
     "PrivacyBudgetExhaustedError": "dpengine.optimizer",
     "VirtualSteps": "dpengine.data",
+    "no_capture": "dpengine.grad_sample.controller",
     "DPDataLoader": "dpengine.data",
     "validate": "dpengine.validation",
     "fix": "dpengine.validation",

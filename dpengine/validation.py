@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .grad_sample import FALLBACK, find_handler
 from .grad_sample.controller import trainable_layers
@@ -37,10 +38,24 @@ _BATCHNORM = ("batch statistics mix samples in the forward (so no per-sample gra
 _RNN = ("recurrent layers have no per-sample rule in dpengine yet; build the cell from nn.Linear layers")
 _MHA = ("nn.MultiheadAttention reads its out_proj weights directly, bypassing per-layer capture; write "
         "attention with nn.Linear projections (e.g. F.scaled_dot_product_attention)")
+_BAG = ("nn.EmbeddingBag has no per-sample rule in dpengine (with offsets the batch is packed into one "
+        "dimension); use nn.Embedding on padded token ids followed by a masked sum or mean")
+_PARAMETRIZED = ("its parameters are computed by torch.nn.utils.parametrize (weight_norm, spectral_norm, ...) outside "
+                 "the layer's call, so no per-sample rule applies; remove the parametrization before make_private "
+                 "(torch.nn.utils.parametrize.remove_parametrizations(layer, name))")
 
 
 def validate(module: nn.Module) -> list[Problem]:
-    """Every reason ``module`` cannot be trained privately, all at once (empty list if none)."""
+    """Every reason ``module`` cannot be trained privately, all at once (empty list if none).
+
+    What no static check can see: the guarantee also assumes that each sample's loss depends on that
+    sample alone. Batch statistics (``x - x.mean(0)``, BatchNorm), a loss that couples samples (a softmax
+    over the batch, in-batch negatives) or augmented views of one record placed as separate samples in
+    the batch all let one record move several samples' gradients, so its contribution can exceed
+    ``max_grad_norm``. Normalise per sample, use a per-sample loss, and augment inside the dataset (one
+    record -> one sample). At run time dpengine refuses layers whose dimension 0 is not the loader's
+    batch (which catches concatenated views and batch folding), but not mixing within the batch.
+    """
     problems: list[Problem] = []
     for name, layer in module.named_modules():
         kind = type(layer).__name__
@@ -52,6 +67,10 @@ def validate(module: nn.Module) -> list[Problem]:
             problems.append(Problem(name, kind, _MHA))
         elif isinstance(layer, nn.RNNBase) and trainable:
             problems.append(Problem(name, kind, _RNN))
+        elif isinstance(layer, nn.EmbeddingBag) and trainable:
+            problems.append(Problem(name, kind, _BAG))
+        elif parametrize.is_parametrized(layer) and trainable:
+            problems.append(Problem(name, kind, _PARAMETRIZED))
         elif running:
             problems.append(Problem(name, kind, f"running statistics {running} are updated from the data and leak "
                                                 "it; use track_running_stats=False, or GroupNorm"))
@@ -59,8 +78,19 @@ def validate(module: nn.Module) -> list[Problem]:
     for name, layer, _ in trainable_layers(module):
         if name in reported or any(name.startswith(r + ".") for r in reported if r):
             continue
-        for reason in (find_handler(layer) or FALLBACK).problems(layer):
+        handler = find_handler(layer) or FALLBACK
+        for reason in handler.problems(layer):
             problems.append(Problem(name, type(layer).__name__, reason))
+        unknown = handler.unknown_params(layer)
+        if unknown:
+            problems.append(Problem(name, type(layer).__name__, f"trainable parameters {unknown} are not covered by "
+                                    "its per-sample rule (a hook-based reparametrization such as the deprecated "
+                                    "torch.nn.utils.weight_norm?); remove the reparametrization, or freeze them"))
+        if handler is FALLBACK and any(p.requires_grad for c in layer.children() for p in c.parameters()):
+            problems.append(Problem(name, type(layer).__name__, "it holds trainable parameters directly and also "
+                                    "calls trainable sublayers, so dpengine would have to re-run it whole for each "
+                                    "sample; move its own parameters into a small submodule (e.g. nn.Linear, or a "
+                                    "module that holds the parameter and applies it) called from forward"))
     return problems
 
 

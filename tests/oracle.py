@@ -48,6 +48,7 @@ def run_controller(
     model = copy.deepcopy(model)
     ctrl = GradSampleController(model, mode=GradSampleMode(mode), clip_factors=factors,
                                 loss_reduction=LossReduction(reduction))
+    ctrl.note_batch(x.shape[0])  # as the private loader does for each batch it yields
     loss_fn(model(x), y).backward()
     sums = ctrl.pop_clipped_sums()
     names = {id(p): n for n, p in model.named_parameters()}

@@ -342,10 +342,10 @@ def test_budget_check_replays_a_resumed_heterogeneous_history():
     engine.accountant.step(noise_multiplier=1.5, sample_rate=0.05, num_steps=5)
     spent = engine.get_epsilon(1e-5)
     assert spent < 6.0
-    x, y = next(iter(dl))
+    batches = (batch for _ in range(200) for batch in dl)  # a fresh Poisson batch for every step
     n = 0
     with pytest.raises(dpengine.PrivacyBudgetExhaustedError):
-        for _ in range(200):
+        for x, y in batches:
             opt.zero_grad()
             F.cross_entropy(model(x), y).backward()
             opt.step()
@@ -360,9 +360,35 @@ def test_two_backward_passes_before_a_step_are_refused():
     x, y = next(iter(dl))
     F.cross_entropy(model(x), y).backward()
     F.cross_entropy(model(x), y).backward()  # the same samples again: each could contribute 2C
-    with pytest.raises(RuntimeError, match="2 backward passes"):
+    with pytest.raises(RuntimeError, match="more than one backward pass"):
         opt.step()
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_two_backward_passes_on_batches_from_elsewhere_are_refused():
+    model = _mlp()
+    _, opt, dl = PrivacyEngine().make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                              data_loader=_loader(), noise_multiplier=1.0, max_grad_norm=1.0)
+    x, y = torch.randn(5, 6, dtype=torch.float64), torch.randint(0, 3, (5,))
+    with pytest.warns(UserWarning, match="did not come from the data loader"):
+        F.cross_entropy(model(x), y).backward()
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="2 backward passes"):
+        opt.step()
+
+
+def test_a_batch_reused_for_a_second_step_is_refused():
+    # the accountant assumes a fresh Poisson sample for every step; a reused batch is a second backward on it
+    model = _mlp()
+    _, opt, dl = PrivacyEngine().make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                              data_loader=_loader(), noise_multiplier=1.0, max_grad_norm=1.0)
+    x, y = next(iter(dl))
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="more than one backward pass"):
+        opt.step()
 
 
 def test_private_step_in_eval_mode_warns():

@@ -19,8 +19,11 @@ steps) is exact in every mode. State lives here, keyed by layer, never on the us
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import inspect
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -28,8 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from .functorch import FALLBACK
-from .registry import (LayerHandler, NormMethod, Record, cross_term, direct_trainable, find_handler, row_sq,
-                       weighted_sum)
+from .registry import (LayerHandler, NormMethod, PerSampleGradientError, Record, cross_term, direct_trainable,
+                       find_handler, row_sq, weighted_sum)
 
 
 class GradSampleMode(enum.Enum):
@@ -52,10 +55,6 @@ class TrackedLayer:
     handler: LayerHandler
     names: list[str]  # trainable parameter names local to the module
     params: list[nn.Parameter]
-
-
-class PerSampleGradientError(RuntimeError):
-    """Raised when per-sample gradients cannot be formed correctly for a batch."""
 
 
 def trainable_layers(module: nn.Module) -> list[tuple[str, nn.Module, list[tuple[str, nn.Parameter]]]]:
@@ -104,6 +103,25 @@ class _suspend_capture:
         _state.suspended = self.prev
 
 
+@contextlib.contextmanager
+def no_capture() -> Any:
+    """Run a private model without capturing it: its parameters get ordinary gradients, and nothing
+    computed inside can reach the private update.
+
+    For passes that are not the training backward, e.g. the input gradient of adversarial training::
+
+        with dpengine.no_capture():
+            x_adv = x + eps * torch.autograd.grad(loss_fn(model(x), y), x)[0].sign()
+        loss_fn(model(x_adv), y).backward()   # the training backward, captured and clipped
+        optimizer.step()
+
+    A backward of a graph built inside ``no_capture`` may set ``p.grad`` of the model's parameters
+    (``backward()`` rather than ``autograd.grad``); the private step refuses such gradients.
+    """
+    with _suspend_capture():
+        yield
+
+
 class _Tap(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, anchor: Tensor, out: Tensor, on_grad: Callable[[Tensor], None], copy: bool) -> Tensor:
@@ -117,6 +135,122 @@ class _Tap(torch.autograd.Function):
     def backward(ctx: Any, g: Tensor) -> tuple[None, Tensor, None, None]:
         ctx.on_grad(g)
         return None, g, None, None
+
+
+def _accumulator(leaf: Tensor) -> Any:
+    """The gradient accumulator node of a leaf tensor (kept alive by the caller, so it stays the same)."""
+    return leaf.view_as(leaf).grad_fn.next_functions[0][0]
+
+
+def _full_backward(acc: Any) -> bool | None:
+    """Whether the running backward is a full ``backward()`` (it accumulates into every leaf), given the
+    accumulator of a leaf that is in the graph: False for ``torch.autograd.grad`` or ``backward(inputs=)``;
+    None if autograd cannot tell."""
+    try:
+        return bool(torch._C._will_engine_execute_node(acc))
+    except Exception:  # a private API: never let it decide privacy on its own
+        return None
+
+
+# --------------------------------------------------------------------------------- broadcast outputs
+_BROADCAST_OPS = frozenset(
+    f for name in ("add", "sub", "mul", "div") for f in (
+        getattr(torch, name), getattr(Tensor, name), getattr(Tensor, name + "_"))) | frozenset(
+    getattr(Tensor, f"__{op}__") for op in (
+        "add", "radd", "iadd", "sub", "rsub", "isub", "mul", "rmul", "imul", "truediv", "rtruediv", "itruediv"))
+# ops that present the same values in another dtype, device or layout: the expanded twin follows them
+_SAME_VALUE_OPS = frozenset({Tensor.to, Tensor.contiguous, Tensor.type_as, Tensor.float, Tensor.half,
+                             Tensor.bfloat16, Tensor.double})
+
+
+class _BroadcastOutput(Tensor):
+    """The batch-1 output of a tracked layer called with a batch-1 index input (position ids of shape
+    (1, T)) while the private loader's batch has B > 1 samples.
+
+    Its values are the layer's own output, so the model computes exactly what it computed before. Where it
+    meets a per-sample operand in an elementwise add/sub/mul/div (the other operand has the same rank and
+    the batch B as dimension 0), the op uses an expanded twin of shape (B, ...) instead: identical values
+    by broadcasting, and a gradient that arrives per sample. Any other use (a reduction, indexing,
+    concatenation, another layer) gets the plain batch-1 tensor, whose gradient is the sum over the
+    batch: if a gradient ever arrives there, the backward is refused. So expansion counts only where it is
+    certain to be a broadcast.
+    """
+
+    _dp_twin: Callable[[], Tensor]
+    _dp_batch: int
+    _dp_misuse: list[str]
+
+    @classmethod
+    def wrap(cls, plain: Tensor, twin: Callable[[], Tensor], batch: int, misuse: list[str]) -> "_BroadcastOutput":
+        out = plain.as_subclass(cls)
+        out._dp_twin, out._dp_batch, out._dp_misuse = twin, batch, misuse
+        return out
+
+    def _is_broadcast(self, func: Any, args: tuple, kwargs: dict) -> bool:
+        if func not in _BROADCAST_OPS:
+            return False
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
+        others = [a for a in tensors if a is not self]
+        if len(tensors) != 2 or len(others) != 1 or isinstance(others[0], _BroadcastOutput):
+            return False
+        name = getattr(func, "__name__", "")
+        if args[0] is self and (name.endswith("_") or name.startswith("__i")):
+            return False  # modifies the batch-1 value itself
+        other = others[0]
+        return other.dim() == self.dim() and other.shape[0] == self._dp_batch and self.shape[0] == 1
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        ours = [a for a in (*args, *kwargs.values()) if isinstance(a, _BroadcastOutput)]
+        with torch._C.DisableTorchFunctionSubclass():
+            if len(ours) == 1:
+                me = ours[0]
+                if func in _SAME_VALUE_OPS and args and args[0] is me:
+                    plain = func(me.as_subclass(Tensor), *args[1:], **kwargs)
+                    parent = me._dp_twin
+                    return cls.wrap(plain, _lazy(lambda: func(parent(), *args[1:], **kwargs)), me._dp_batch,
+                                    me._dp_misuse)
+                if me._is_broadcast(func, args, kwargs):
+                    twin = me._dp_twin()
+                    return func(*[twin if a is me else a for a in args],
+                                **{k: (twin if v is me else v) for k, v in kwargs.items()})
+
+            def plain(x: Any) -> Any:
+                return x.as_subclass(Tensor) if isinstance(x, _BroadcastOutput) else x
+
+            out = func(*[plain(a) for a in args], **{k: plain(v) for k, v in kwargs.items()})
+            if isinstance(out, Tensor) and out.requires_grad:
+                for me in ours:
+                    me._dp_misuse.append(getattr(func, "__name__", str(func)))
+            return out
+
+
+def _lazy(make: Callable[[], Tensor]) -> Callable[[], Tensor]:
+    """``make()`` on first call, the same tensor afterwards."""
+    cache: list[Tensor] = []
+
+    def get() -> Tensor:
+        if not cache:
+            cache.append(make())
+        return cache[0]
+    return get
+
+
+def _sum_dtype(p: Tensor) -> torch.dtype:
+    """Clipped sums are kept (and noised) in at least float32: rounding a sum to bf16 before the noise is
+    not post-processing, and could push one sample's contribution past the clipping bound."""
+    return torch.promote_types(p.dtype, torch.float32)
+
+
+def _promote(rec: Record) -> None:
+    """Per-sample norms and sums in at least float32, with a and g in one dtype (under autocast a layer's
+    input and output gradient may differ): low-precision norms could under-state a sample's norm."""
+    work = torch.promote_types(rec.g.dtype, torch.float32)
+    if rec.g.is_floating_point() and rec.g.dtype != work:
+        rec.g = rec.g.to(work)
+    if any(isinstance(x, Tensor) and x.is_floating_point() and x.dtype != work for x in rec.args):
+        rec.args = tuple(x.to(work) if isinstance(x, Tensor) and x.is_floating_point() else x for x in rec.args)
 
 
 class GradSampleController:
@@ -140,37 +274,91 @@ class GradSampleController:
             self.layers.append(TrackedLayer(name, layer, handler, [n for n, _ in trainable], [p for _, p in trainable]))
         self.params: list[nn.Parameter] = list({id(p): p for tl in self.layers for p in tl.params}.values())
         self.param_ids = frozenset(id(p) for p in self.params)
+        # A leaf that every tapped output depends on: whether its gradient accumulator runs tells a full
+        # ``backward()`` (the training backward) from ``torch.autograd.grad`` (e.g. an input gradient).
         self._anchor = torch.zeros((), requires_grad=True)
+        self._anchor_acc = _accumulator(self._anchor)
+        self._anchored = False  # a layer call since the last root call already carries the anchor
         self._pending: list[tuple[TrackedLayer, Record]] = []
+        self._pending_full: bool | None = None  # the anchor's verdict for the running backward
         self._queued_for: int | None = None
         self._summed: dict[nn.Parameter, Tensor] = {}
-        self._written: dict[nn.Parameter, Tensor] = {}
+        self._written: dict[nn.Parameter, tuple[Tensor, int]] = {}
         self._method_cache: dict[tuple[int, tuple[int, ...]], NormMethod] = {}
+        self._signatures: dict[type, inspect.Signature | None] = {}
         self.batches_accumulated = 0
+        #: records in the batch the private loader yielded last (None: the batch did not come from it)
+        self.loader_batch: int | None = None
+        self._batch_reduced = False  # that batch was already reduced by a backward
+        #: reductions of a loader batch that had already been reduced, since the last step
+        self.repeated_batches = 0
+        #: backward passes that were not a full ``backward()`` (``torch.autograd.grad``), dropped
+        self.skipped_backwards = 0
+        self._warned_unverified = False
         self.last_norms: Tensor | None = None
         #: multiplies every clipped sum (the optimizer sets 1 / expected batch size for mean reduction)
         self.output_scale = 1.0
         self._swapped: set[int] = set()  # layers whose parameters the pre-hook swapped for this call
-        self._handles = [module.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True)]
-        self._root_batch: int | None = None
+        self._handles = [module.register_forward_pre_hook(self._root_pre_hook)]
         for tl in self.layers:
             self._handles.append(tl.module.register_forward_pre_hook(self._make_pre_hook(tl)))
             self._handles.append(
                 tl.module.register_forward_hook(self._make_hook(tl), with_kwargs=True, always_call=True))
 
     # ----------------------------------------------------------------------------------- capture
-    def _root_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Remember the batch size of the model's input (its first tensor argument's dimension 0)."""
-        first = next((x for x in (*args, *kwargs.values()) if isinstance(x, Tensor) and x.dim() > 0), None)
-        self._root_batch = int(first.shape[0]) if first is not None else None
+    def note_batch(self, size: int) -> None:
+        """The private loader yielded a batch of ``size`` records: the batch every tracked layer must see
+        as dimension 0 of its input, reduced by exactly one backward."""
+        self.loader_batch = int(size)
+        self._batch_reduced = False
+
+    def _root_pre_hook(self, module: nn.Module, args: tuple) -> None:
+        if torch.is_grad_enabled() and _capture_on():
+            self._anchored = False  # the first layer call of this forward carries the anchor
 
     def _make_pre_hook(self, tl: TrackedLayer) -> Callable:
         def pre_hook(layer: nn.Module, args: tuple) -> None:
             if torch.is_grad_enabled() and _capture_on():
+                for n, p in zip(tl.names, tl.params):
+                    if layer._parameters.get(n) is not p:
+                        raise PerSampleGradientError(
+                            f"parameter '{tl.name}.{n}' was replaced after make_private (load_state_dict(..., "
+                            "assign=True), or a new nn.Parameter assigned); the private optimizer still holds "
+                            "the old one. Load weights with assign=False (it copies into the tracked "
+                            "parameters), or call make_private again with a new optimizer and PrivacyEngine.")
                 self._swapped.add(id(tl))
                 for n, p in zip(tl.names, tl.params):
                     layer._parameters[n] = p.detach()  # alias: same storage, no autograd edge
         return pre_hook
+
+    def _positional(self, layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Inputs given by keyword (``lin(input=x)``) moved to their positions, so ``args[0]`` is the input."""
+        key = type(layer)
+        if key not in self._signatures:
+            try:
+                self._signatures[key] = inspect.signature(layer.forward)
+            except (TypeError, ValueError):
+                self._signatures[key] = None
+        sig = self._signatures[key]
+        if sig is None:
+            return args, kwargs
+        try:
+            bound = sig.bind(*args, **kwargs)
+        except TypeError:
+            return args, kwargs
+        return tuple(bound.args), dict(bound.kwargs)
+
+    def _broadcast_batch(self, args: tuple, out: Tensor) -> int | None:
+        """The batch to present a batch-1 call's output at (see ``_BroadcastOutput``): only when the private
+        loader says the batch has B > 1 records and the layer's input is a batch-1 *index* tensor (such as
+        GPT-2's position ids of shape (1, T)), never a feature computed from a sample."""
+        b = self.loader_batch
+        a = args[0] if args else None
+        if b is None or b <= 1 or self._batch_reduced or not isinstance(a, Tensor) or a.dim() == 0:
+            return None
+        if a.is_floating_point() or a.is_complex() or a.shape[0] != 1 or out.dim() == 0 or out.shape[0] != 1:
+            return None
+        return b
 
     def _make_hook(self, tl: TrackedLayer) -> Callable:
         def hook(layer: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
@@ -183,42 +371,61 @@ class GradSampleController:
                 raise PerSampleGradientError(
                     f"layer '{tl.name}' ({type(layer).__name__}) returned {type(out).__name__}; dpengine captures "
                     "layers with a single tensor output. Register a handler for this layer type.")
+            if kwargs:
+                args, kwargs = self._positional(layer, args, kwargs)
             args = tuple(x.detach() if isinstance(x, Tensor) else x for x in args)
-            batch, copy = self._root_batch, tl.handler.output_may_be_saved
-            if batch is not None and batch != 1 and out.dim() > 0 and out.shape[0] == 1 and \
-                    isinstance(args[0], Tensor) and args[0].dim() > 0 and args[0].shape[0] == 1:
-                # A batch-1 input broadcast against the batch (e.g. GPT-2's position ids of shape (1, T)):
-                # expand it, so the gradient arriving here is still per sample instead of summed.
-                args = tuple(x.expand(batch, *x.shape[1:]) if isinstance(x, Tensor) and x.dim() > 0
-                             and x.shape[0] == 1 else x for x in args)
-                out = out.expand(batch, *out.shape[1:])
-                copy = True  # tagging an expanded view in place would route g through its (summed) base
+            copy = tl.handler.output_may_be_saved
+            batch = self._broadcast_batch(args, out)
+            if batch is not None:
+                return self._broadcast(tl, args, kwargs, out, batch)
             rec = Record(args, {k: (v.detach() if isinstance(v, Tensor) else v) for k, v in kwargs.items()})
             # autograd no longer saves the input for a weight gradient, so nothing else would notice an
             # in-place change to it before the reduction: remember its version (detach shares the counter)
             rec.extra["versions"] = [(i, x._version) for i, x in enumerate(args) if isinstance(x, Tensor)]
+            anchor = not self._anchored
+            self._anchored = True
 
-            def on_grad(g: Tensor) -> None:
-                self._on_grad(tl, rec, g)
-
-            if out.requires_grad and not copy:
+            if out.requires_grad and not copy and not anchor:
                 # the common case (the input needs a gradient): a tensor hook sees g without touching the
                 # graph; it fires with the gradient of this value even if it is later modified in place
-                out.register_hook(on_grad)
+                out.register_hook(lambda g: self._on_grad(tl, rec, g, tapped=False))
                 return None
-            # the output does not need a gradient yet (first layer, embedding): tag it so that it does.
-            # A view is copied: tagging it in place would make autograd rebase it (two copies in backward).
-            return _Tap.apply(self._anchor, out, on_grad, copy or out._is_view())
+            # the output does not need a gradient yet (first layer, embedding), or it is the first layer
+            # call of this forward and carries the anchor: tag it. A view is copied: tagging it in place
+            # would make autograd rebase it (two copies in the backward).
+            return _Tap.apply(self._anchor, out, lambda g: self._on_grad(tl, rec, g, tapped=True),
+                              copy or out._is_view())
         return hook
 
-    def _on_grad(self, tl: TrackedLayer, rec: Record, g: Tensor) -> None:
+    def _broadcast(self, tl: TrackedLayer, args: tuple, kwargs: dict, out: Tensor, batch: int) -> Tensor:
+        """Present a batch-1 output (position ids of shape (1, T)) as ``_BroadcastOutput``: per-sample
+        gradients through the broadcasts against the batch, refusal for any other use."""
+        self._anchored = True
+        misuse: list[str] = []
+        summed = Record(args, {}, extra={"summed": misuse})
+        base = out.detach()  # the twin's values, without the plain output's tap
+        ids = args[0]
+        plain = _Tap.apply(self._anchor, out, lambda g: self._on_grad(tl, summed, g, tapped=True), out._is_view())
+
+        def make_twin() -> Tensor:
+            rec = Record((ids.expand(batch, *ids.shape[1:]), *args[1:]), kwargs)
+            rec.extra["versions"] = [(0, ids._version)]
+            # a fresh (B, ...) tensor: tagging an expanded view in place would route g through its base
+            return _Tap.apply(self._anchor, base.expand(batch, *base.shape[1:]),
+                              lambda g: self._on_grad(tl, rec, g, tapped=True), True)
+        return _BroadcastOutput.wrap(plain, _lazy(make_twin), batch, misuse)
+
+    def _on_grad(self, tl: TrackedLayer, rec: Record, g: Tensor, tapped: bool) -> None:
         rec.g = g
         rec.extra["g_version"] = g._version
         task = torch._C._current_graph_task_id()
         if self._queued_for != task:  # first tap of this backward
             self._pending = []  # drop what an earlier backward that raised left behind
+            self._pending_full = None
             self._queued_for = task
             torch.autograd.Variable._execution_engine.queue_callback(self._reduce_pending)
+        if tapped and self._pending_full is None:  # the anchor is in this graph: ask whether it runs
+            self._pending_full = _full_backward(self._anchor_acc)
         self._pending.append((tl, rec))
 
     # ----------------------------------------------------------------------------------- reduce
@@ -232,20 +439,62 @@ class GradSampleController:
         return self._method_cache[key]
 
     def _reduce_pending(self) -> None:
-        pending, self._pending, self._queued_for = self._pending, [], None
+        pending, full = self._pending, self._pending_full
+        self._pending, self._queued_for, self._pending_full = [], None, None
         if not pending:
+            return
+        if full is False:
+            # torch.autograd.grad (an input gradient, a penalty term) or backward(inputs=...): not the
+            # training backward. Its captures never reach the update; they are simply dropped.
+            self.skipped_backwards += 1
             return
         with torch.no_grad(), _suspend_capture():
             self._reduce(pending)
 
-    def _reduce(self, pending: list[tuple[TrackedLayer, Record]]) -> None:
+    def _check_batch(self, pending: list[tuple[TrackedLayer, Record]]) -> int:
+        """The batch size of this backward, checked against the batch the private loader yielded."""
+        expected = self.loader_batch
+        if expected is not None:
+            if self._batch_reduced:
+                self.repeated_batches += 1
+            self._batch_reduced = True
+            wrong = [(tl, rec) for tl, rec in pending if rec.g.shape[0] != expected]
+            if wrong:
+                detail = ", ".join(f"'{tl.name}' saw {rec.g.shape[0]}" for tl, rec in wrong[:6])
+                raise PerSampleGradientError(
+                    f"the private data loader yielded a batch of {expected} records, but dimension 0 of the "
+                    f"input of tracked layers differs ({detail}), so per-sample gradients would mix samples. "
+                    "dpengine needs the batch as dimension 0 of every tracked layer's input: a model that is "
+                    "time-major ((T, B, d): use batch_first=True), folds the batch into another dimension "
+                    "((B, K, d) -> (B*K, d)), splits the batch into micro-batches inside its forward, or runs a "
+                    "batch-1 float tensor through a layer cannot be trained privately as it is; expand tensors "
+                    "shared by all samples to the batch (x.expand(B, ...)) before the layer.")
+            return expected
         sizes = {rec.g.shape[0] for _, rec in pending}
         if len(sizes) != 1:
             detail = ", ".join(f"{tl.name}: {rec.g.shape[0]}" for tl, rec in pending)
             raise PerSampleGradientError(
                 "layers saw different batch sizes in one backward, so per-sample gradients are ill-defined "
                 f"({detail}). Every tracked layer must take inputs with the batch as dimension 0.")
-        batch = sizes.pop()
+        if not self._warned_unverified:
+            self._warned_unverified = True
+            warnings.warn(
+                "This backward's batch did not come from the data loader returned by make_private, so dpengine "
+                "could only check that the tracked layers agree on dimension 0, not that it is the batch (a "
+                "time-major or batch-folding model would be clipped wrongly). Iterate the returned loader (or "
+                "dpengine.VirtualSteps over it).", stacklevel=2)
+        return sizes.pop()
+
+    def _reduce(self, pending: list[tuple[TrackedLayer, Record]]) -> None:
+        for tl, rec in pending:
+            if "summed" in rec.extra:
+                ops = ", ".join(dict.fromkeys(rec.extra["summed"])) or "an op dpengine cannot see"
+                raise PerSampleGradientError(
+                    f"layer '{tl.name}' ({type(tl.module).__name__}) was called with a batch-1 input and its output "
+                    f"was used other than by broadcasting it against the batch ({ops}), so its gradient is summed "
+                    "over the samples and per-sample gradients cannot be formed. Expand its input to the batch "
+                    "before the call (ids.expand(B, -1)).")
+        batch = self._check_batch(pending)
         self._check_no_leak()
         for tl, rec in pending:
             if any(rec.args[i]._version != v for i, v in rec.extra.pop("versions", [])) or \
@@ -254,12 +503,13 @@ class GradSampleController:
                     f"the input of layer '{tl.name}' ({type(tl.module).__name__}) was modified in place after the "
                     "layer used it, so its per-sample gradients cannot be formed. Use an out-of-place operation "
                     "(x = x + 1 rather than x += 1) on tensors that a tracked layer has read.")
+            _promote(rec)
         if batch == 0:  # an empty Poisson batch: nothing to clip, the step still adds noise
             ref = pending[0][1].g
             self.last_norms = ref.new_zeros(0)
             for tl, _ in pending:
                 for p in tl.params:
-                    self._summed.setdefault(p, torch.zeros_like(p))
+                    self._summed.setdefault(p, torch.zeros_like(p, dtype=_sum_dtype(p)))
             self.batches_accumulated += 1
             return
         # mean reduction: autograd's g is (1/B) * per-sample g; scale norms and factors, not tensors.
@@ -314,7 +564,7 @@ class GradSampleController:
         self.batches_accumulated += 1
 
     def _accumulate(self, p: nn.Parameter, t: Tensor) -> None:
-        t = t.to(p.dtype)
+        t = t.to(_sum_dtype(p))
         if p in self._summed:
             self._summed[p].add_(t)
         else:
@@ -323,28 +573,57 @@ class GradSampleController:
     def _check_no_leak(self) -> None:
         for tl in self.layers:
             for n, p in zip(tl.names, tl.params):
-                if p.grad is not None and p.grad is not self._written.get(p):
-                    raise PerSampleGradientError(
-                        f"parameter '{tl.name}.{n}' received an ordinary (non-private) gradient from autograd: "
-                        "it was used outside its own module's forward (e.g. read directly by a parent module). "
-                        "dpengine cannot form its per-sample gradient. Use the parameter only through its "
-                        "module (wrap it in nn.Linear / nn.Embedding), or freeze it.")
+                grad = p.grad
+                if grad is None:
+                    continue
+                written, version = self._written.get(p, (None, -1))
+                if grad is written and grad._version == version:
+                    continue
+                if grad is written and not bool(grad.any()):  # zero_grad(set_to_none=False): zeroed in place
+                    self._written[p] = (grad, grad._version)
+                    continue
+                # set by autograd, or accumulated into the private gradient the optimizer wrote
+                raise PerSampleGradientError(
+                    f"parameter '{tl.name}.{n}' received an ordinary (non-private) gradient from autograd: it was "
+                    "used outside its own module's forward (e.g. read directly by a parent module), or a backward "
+                    "ran inside dpengine.no_capture(). dpengine cannot form its per-sample gradient. Use the "
+                    "parameter only through its module (wrap it in nn.Linear / nn.Embedding), or freeze it.")
 
     # ----------------------------------------------------------------------------------- optimizer side
+    def step_problem(self, in_virtual_steps: bool) -> str | None:
+        """Why the step about to be taken would break the clipping bound (None if it would not)."""
+        if self.repeated_batches:
+            return (f"a batch from the private data loader was reduced by more than one backward pass "
+                    f"({self.repeated_batches} extra): a second backward over the same batch (in this step or, "
+                    "with a batch reused, a later one), or two losses with two backward() calls. Each backward is "
+                    "clipped on its own, so a sample in both could contribute up to 2 * max_grad_norm (and the "
+                    "accountant assumes a fresh Poisson batch for every step). Add the losses and call backward "
+                    "once, take the next batch from the loader for the next step, and run passes that are not the "
+                    "training backward (e.g. the input gradient of adversarial training) inside "
+                    "dpengine.no_capture().")
+        if self.batches_accumulated > 1 and not in_virtual_steps:
+            return (f"{self.batches_accumulated} backward passes were accumulated since the last step. dpengine "
+                    "clips each backward on its own, so a sample that took part in two of them would contribute "
+                    "up to 2 * max_grad_norm. To split one logical batch into physical chunks iterate "
+                    "dpengine.VirtualSteps over the private loader; to combine several losses, add them and call "
+                    "backward once.")
+        return None
+
     def pop_clipped_sums(self) -> dict[nn.Parameter, Tensor]:
         """The clipped sums accumulated since the last pop (and forget them)."""
         out, self._summed = self._summed, {}
-        self.batches_accumulated = 0
+        self.batches_accumulated = self.repeated_batches = 0
         return out
 
     def mark_written(self, p: nn.Parameter, grad: Tensor) -> None:
-        """Remember the private gradient the optimizer wrote, so it is not mistaken for a leak."""
-        self._written[p] = grad
+        """Remember the private gradient the optimizer wrote (and its version), so it is not mistaken for a
+        leak; autograd accumulating into it in place changes the version."""
+        self._written[p] = (grad, grad._version)
 
     def clear(self) -> None:
         self._summed = {}
         self._pending = []
-        self.batches_accumulated = 0
+        self.batches_accumulated = self.repeated_batches = 0
         self._written = {}
 
     def detach(self) -> None:

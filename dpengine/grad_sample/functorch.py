@@ -3,6 +3,11 @@
 For sample i, grad_i = vjp of the layer's functional forward at (params, a_i) applied to g_i, vectorized
 over the batch with ``vmap``. Used for trainable layers with no dedicated handler; it materializes, so
 it is the slowest path, but it is exact.
+
+Which arguments are per sample is decided by where they come from, never by their shape: the layer's
+data input (its first argument) is; every other argument is shared by all samples (a constant table, a
+mask built for the whole batch). Deciding by "dimension 0 equals the batch size" would treat a constant
+(8, d) table as per sample exactly when a Poisson batch happens to have 8 records.
 """
 
 from __future__ import annotations
@@ -13,11 +18,12 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 
-from .registry import LayerHandler, Record
+from .registry import LayerHandler, PerSampleGradientError, Record
 
 
 class FunctorchHandler(LayerHandler):
     output_may_be_saved = True  # an arbitrary layer may save its output (e.g. it ends in a sigmoid)
+    param_names = None
 
     def problems(self, layer: nn.Module) -> list[str]:
         if any(True for _ in layer.buffers(recurse=False)):
@@ -28,12 +34,21 @@ class FunctorchHandler(LayerHandler):
 
     def per_sample(self, layer: nn.Module, rec: Record, names: list[str]) -> dict[str, Tensor]:
         b = rec.g.shape[0]
-        params = {n: p.detach() for n, p in layer.named_parameters(recurse=False) if n in names}
-        frozen = {n: p.detach() for n, p in layer.named_parameters(recurse=False) if n not in names}
-        batched = [isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == b for x in rec.args]
+        work = rec.g.dtype  # the controller promotes a and g to at least float32; parameters follow
+
+        def cast(p: Tensor) -> Tensor:
+            p = p.detach()
+            return p.to(work) if p.is_floating_point() else p
+
+        params = {n: cast(p) for n, p in layer.named_parameters(recurse=False) if n in names}
+        frozen = {n: cast(p) for n, p in layer.named_parameters(recurse=False) if n not in names}
+        if not rec.args or not isinstance(rec.args[0], Tensor) or rec.args[0].dim() == 0 or rec.args[0].shape[0] != b:
+            raise PerSampleGradientError(
+                f"{type(layer).__name__} (torch.func fallback) must take its per-sample input as the first "
+                "argument, with the batch as dimension 0; register a handler for this layer type.")
+        batched = [i == 0 for i in range(len(rec.args))]
         kw_names = list(rec.kwargs)
-        kw_batched = [isinstance(rec.kwargs[k], Tensor) and rec.kwargs[k].dim() > 0 and rec.kwargs[k].shape[0] == b
-                      for k in kw_names]
+        kw_batched = [False for _ in kw_names]
 
         def one(g_i: Tensor, *xs: Any) -> tuple[Tensor, ...]:
             args = [x.unsqueeze(0) if bt else x for x, bt in zip(xs[: len(rec.args)], batched)]

@@ -23,6 +23,10 @@ import torch
 from torch import Tensor, nn
 
 
+class PerSampleGradientError(RuntimeError):
+    """Raised when per-sample gradients cannot be formed correctly for a batch."""
+
+
 class NormMethod(enum.Enum):
     """How a handler computes a per-sample gradient norm."""
 
@@ -88,6 +92,8 @@ class LayerHandler:
 
     #: True if ``norm_sq(..., NormMethod.GRAM)`` avoids materializing per-sample gradients.
     has_gram: bool = False
+    #: The trainable parameters the handler's rules cover (None: any, as the torch.func fallback).
+    param_names: frozenset[str] | None = frozenset({"weight", "bias"})
     #: True if autograd may save the layer's *output* for its own backward (then the capture copies the
     #: output instead of tagging it in place).
     output_may_be_saved: bool = False
@@ -95,6 +101,13 @@ class LayerHandler:
     def problems(self, layer: nn.Module) -> list[str]:
         """Reasons this layer cannot be trained privately (empty if it can)."""
         return []
+
+    def unknown_params(self, layer: nn.Module) -> list[str]:
+        """Trainable parameters of the layer that the handler's rules do not cover (e.g. the ``weight_g``,
+        ``weight_v`` of the hook-based ``torch.nn.utils.weight_norm``, which computes ``weight`` from them)."""
+        if self.param_names is None:
+            return []
+        return [n for n, _ in direct_trainable(layer) if n not in self.param_names]
 
     def per_sample(self, layer: nn.Module, rec: Record, names: list[str]) -> dict[str, Tensor]:
         raise NotImplementedError
