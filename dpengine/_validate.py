@@ -13,9 +13,9 @@ def _one(kw: dict[str, Any]) -> tuple[str, Any]:
 
 
 def positive(**kw: Any) -> None:
-    name, v = _one(kw)
-    if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-        raise ValueError(f"Expected {name}={v!r} > 0.")
+    for name, v in kw.items():
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+            raise ValueError(f"Expected {name}={v!r} > 0.")
 
 
 def non_negative(**kw: Any) -> None:

@@ -1,48 +1,387 @@
 """Clipping policies: per-sample norms -> per-sample factors, and the sensitivity noise is scaled to.
 
 A policy decides *what* is clipped; the grad-sample backend decides *how* norms and clipped sums are
-computed. Every policy states its sensitivity, so no caller recomputes it from flags.
+computed. The controller hands a policy the per-sample norms of each of its *groups* of parameters,
+shape (K, B), and scales each group's per-sample gradients by the factors it returns, shape (K, B):
+one group for flat clipping, one per parameter tensor (or module, or user group) for per-layer
+clipping. Every policy states its sensitivity (the L2 sensitivity of the clipped sum under add/remove
+adjacency, in the units of one sample's gradient), so no caller recomputes it from flags.
+
+Policies with state between steps (adaptive's clip bound) update it in ``after_step``, called by the
+optimizer once per logical step after the noise is drawn.
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
-from ._validate import positive
+from ._validate import in_range, positive
 
 
 class ClippingMode(enum.Enum):
     FLAT = "flat"
+    PER_LAYER = "per_layer"
+    AUTOMATIC = "automatic"
+    ADAPTIVE = "adaptive"
+    ERROR_FEEDBACK = "error_feedback"
 
 
-@dataclass(frozen=True)
-class FlatClipping:
+class ClippingPolicy:
+    """Base class: one group holding every parameter. Subclasses set the groups and the factor rule."""
+
+    #: the controller also forms the unclipped sum (error feedback needs it)
+    needs_unclipped: bool = False
+    #: subsampling amplifies this mode's privacy (False: the accountant records sample rate 1)
+    amplified: bool = True
+
+    def __init__(self) -> None:
+        self._group: dict[int, int] = {}
+        self.num_groups = 1
+
+    def group(self, p: nn.Parameter) -> int:
+        """The group index of a tracked parameter."""
+        return self._group.get(id(p), 0)
+
+    @property
+    def sensitivity(self) -> float:
+        raise NotImplementedError
+
+    def factors(self, norms: Tensor) -> Tensor:
+        """(K, B) per-group per-sample norms -> (K, B) factors."""
+        raise NotImplementedError
+
+    def grad_noise_multiplier(self, noise_multiplier: float) -> float:
+        """The noise multiplier of the gradient's Gaussian (adaptive spends part of sigma on its count)."""
+        return noise_multiplier
+
+    def combine(self, sums: list[tuple[nn.Parameter, Tensor]], unclipped: dict[nn.Parameter, Tensor],
+                mean_scale: float) -> None:
+        """Turn the clipped sums into the released (pre-noise) sums, in place. ``mean_scale`` is the expected
+        batch size times the output scale (1 for a mean-reduced loss, E[B] for a sum). Default: unchanged."""
+
+    def after_step(self, noise: Any, expected_batch_size: float) -> None:
+        """Update state once per logical step (after the step's noise is drawn)."""
+
+    def state_dict(self, params: list[nn.Parameter]) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any], params: list[nn.Parameter]) -> None:
+        pass
+
+
+def _clip(norms: Tensor, c: float | Tensor) -> Tensor:
+    """min(1, c / (norm + 1e-6)) as in Opacus: every clipped gradient has norm < c."""
+    return (c / (norms + 1e-6)).clamp(max=1.0)
+
+
+class FlatClipping(ClippingPolicy):
     """Clip each sample's whole gradient (all trainable parameters together) to norm ``max_grad_norm``.
 
     Factor ``min(1, C / (||g_i|| + 1e-6))`` as in Opacus; every clipped gradient has norm <= C, so the
     L2 sensitivity of the sum under add/remove-one adjacency is C.
     """
 
-    max_grad_norm: float
-
-    def __post_init__(self) -> None:
-        positive(max_grad_norm=self.max_grad_norm)
+    def __init__(self, max_grad_norm: float) -> None:
+        super().__init__()
+        positive(max_grad_norm=max_grad_norm)
+        self.max_grad_norm = float(max_grad_norm)
 
     @property
     def sensitivity(self) -> float:
-        return float(self.max_grad_norm)
+        return self.max_grad_norm
 
     def factors(self, norms: Tensor) -> Tensor:
-        return (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        return _clip(norms, self.max_grad_norm)
 
 
-def make_policy(mode: str | ClippingMode, max_grad_norm: float) -> FlatClipping:
-    """Build the policy named at the user-facing boundary (strings are validated here, once)."""
+class PerLayerClipping(ClippingPolicy):
+    """Clip each group of parameters on its own: sample i's gradient restricted to group l gets norm at
+    most C_l. The sum over groups then has norm at most sqrt(sum_l C_l^2): the sensitivity.
+
+    Args:
+        groups: one list of parameters per group (every tracked parameter in exactly one).
+        thresholds: C_l per group.
+    """
+
+    def __init__(self, groups: list[list[nn.Parameter]], thresholds: Sequence[float]) -> None:
+        super().__init__()
+        if len(groups) != len(thresholds):
+            raise ValueError(f"{len(groups)} parameter groups but {len(thresholds)} thresholds.")
+        for t in thresholds:
+            positive(max_grad_norm=t)
+        self.num_groups = len(groups)
+        self._group = {id(p): k for k, ps in enumerate(groups) for p in ps}
+        self.thresholds = [float(t) for t in thresholds]
+        self._c: Tensor | None = None
+
+    @property
+    def sensitivity(self) -> float:
+        return math.sqrt(sum(t * t for t in self.thresholds))
+
+    def factors(self, norms: Tensor) -> Tensor:
+        if self._c is None or self._c.device != norms.device or self._c.dtype != norms.dtype:
+            self._c = torch.tensor(self.thresholds, device=norms.device, dtype=norms.dtype).unsqueeze(1)
+        return _clip(norms, self._c)
+
+
+class AutomaticClipping(ClippingPolicy):
+    """Automatic clipping (normalization; Bu et al., AUTO-S): factor C / (||g_i|| + gamma).
+
+    Every sample's contribution has norm C ||g_i|| / (||g_i|| + gamma) < C, so the sensitivity is C;
+    small gradients are scaled up rather than passed through, which removes the threshold as a
+    hyperparameter (C only scales the learning rate).
+    """
+
+    def __init__(self, max_grad_norm: float, stability_constant: float = 0.01) -> None:
+        super().__init__()
+        positive(max_grad_norm=max_grad_norm, stability_constant=stability_constant)
+        self.max_grad_norm, self.stability_constant = float(max_grad_norm), float(stability_constant)
+
+    @property
+    def sensitivity(self) -> float:
+        return self.max_grad_norm
+
+    def factors(self, norms: Tensor) -> Tensor:
+        return self.max_grad_norm / (norms + self.stability_constant)
+
+
+class AdaptiveClipping(FlatClipping):
+    """Quantile-based adaptive clipping (Andrew et al. 2021; Opacus' AdaClip): flat clipping whose bound
+    follows the ``target_unclipped_quantile`` of the per-sample norms.
+
+    Each step, b = (sum_i (1[||g_i|| <= C] - 1/2) + N(0, s_b^2)) / E[B] + 1/2 estimates the fraction of
+    unclipped samples (centred indicators: adding or removing a sample moves the sum by 1/2), and the
+    bound moves geometrically, C <- clamp(C * exp(-eta (b - target)), min, max). The count is a second
+    Gaussian mechanism on the same batch: with the gradient noised at sigma_g * C and the count at s_b,
+    the pair is exactly one Gaussian mechanism with 1 / sigma^2 = 1 / sigma_g^2 + 1 / (2 s_b)^2. So the
+    accountant is told sigma and the gradient gets sigma_g = (sigma^-2 - (2 s_b)^-2)^(-1/2) > sigma.
+    """
+
+    def __init__(self, max_grad_norm: float, *, target_unclipped_quantile: float = 0.5,
+                 clipbound_learning_rate: float = 0.2, max_clipbound: float = 1e8, min_clipbound: float = 1e-8,
+                 unclipped_num_std: float) -> None:
+        super().__init__(max_grad_norm)
+        in_range(0.0, 1.0, target_unclipped_quantile=target_unclipped_quantile)
+        positive(clipbound_learning_rate=clipbound_learning_rate, max_clipbound=max_clipbound,
+                 min_clipbound=min_clipbound, unclipped_num_std=unclipped_num_std)
+        if not min_clipbound <= max_grad_norm <= max_clipbound:
+            raise ValueError(f"max_grad_norm={max_grad_norm} must lie in [min_clipbound, max_clipbound] = "
+                             f"[{min_clipbound}, {max_clipbound}].")
+        self.target = float(target_unclipped_quantile)
+        self.lr = float(clipbound_learning_rate)
+        self.max_clipbound, self.min_clipbound = float(max_clipbound), float(min_clipbound)
+        self.unclipped_num_std = float(unclipped_num_std)
+        self._unclipped: Tensor | None = None  # sum of centred indicators over this step's batches
+
+    def grad_noise_multiplier(self, noise_multiplier: float) -> float:
+        if noise_multiplier == 0:
+            return 0.0  # no privacy claimed (the accountant reports infinite epsilon)
+        rest = noise_multiplier ** -2 - (2 * self.unclipped_num_std) ** -2
+        if rest <= 0:
+            raise ValueError(
+                f"adaptive clipping: the count's noise (unclipped_num_std={self.unclipped_num_std:g}) alone spends "
+                f"more than noise_multiplier={noise_multiplier:g} allows (it needs unclipped_num_std > "
+                f"1 / (2 * noise_multiplier) = {0.5 / noise_multiplier if noise_multiplier > 0 else math.inf:g}). "
+                "Raise unclipped_num_std (Andrew et al. suggest about expected batch size / 20) or the noise.")
+        return rest ** -0.5
+
+    def factors(self, norms: Tensor) -> Tensor:
+        centred = (norms <= self.max_grad_norm).to(torch.float64).sum() - 0.5 * norms.shape[-1]
+        self._unclipped = centred if self._unclipped is None else self._unclipped + centred
+        return _clip(norms, self.max_grad_norm)
+
+    def after_step(self, noise: Any, expected_batch_size: float) -> None:
+        count = torch.zeros(1, dtype=torch.float64) if self._unclipped is None else \
+            self._unclipped.detach().reshape(1).to("cpu", torch.float64)
+        noise.add_([count], self.unclipped_num_std)
+        frac = float(count) / expected_batch_size + 0.5
+        bound = self.max_grad_norm * math.exp(-self.lr * (frac - self.target))
+        self.max_grad_norm = min(self.max_clipbound, max(self.min_clipbound, bound))
+        self._unclipped = None
+
+    def state_dict(self, params: list[nn.Parameter]) -> dict[str, Any]:
+        return {"max_grad_norm": self.max_grad_norm}
+
+    def load_state_dict(self, state: dict[str, Any], params: list[nn.Parameter]) -> None:
+        if "max_grad_norm" in state:
+            self.max_grad_norm = float(state["max_grad_norm"])
+
+
+class ErrorFeedbackClipping(FlatClipping):
+    """Clipping with error feedback (DiceSGD: Zhang, Bu, Wu and Hong, ICLR 2024).
+
+    Per step, in mean units (a sum-reduced loss multiplies every term by the expected batch size E[B]):
+    ``v = (1/E[B]) sum_i clip(g_i, C1) + clip(e, C2)`` is released with Gaussian noise, and the error state
+    ``e <- e + (1/E[B]) sum_i g_i - v`` (un-noised) carries what clipping removed into later steps, so the
+    clipping bias does not persist. ``e`` starts at 0, is never released, and lives in the optimizer's
+    ``state_dict``.
+
+    Privacy, as dpengine accounts it (provable; deliberately not the paper's tighter statement): ``e``
+    depends on every past batch's *unclipped* gradients, so between neighbouring datasets it may differ
+    arbitrarily, but ``clip(e, C2)`` lies in a ball of radius C2, so the two releases of a step differ by
+    at most ``C1 + 2 E[B] C2`` in sum units (C1 from the sample's own clipped gradient, 2 E[B] C2 from the
+    fed-back error), whether or not the sample is in this step's batch. That difference is present in
+    every step, so subsampling does not amplify it: each step is accounted as a Gaussian mechanism with
+    sensitivity ``C1 + 2 E[B] C2`` and sample rate 1 (by quasi-convexity of the Renyi divergence over
+    the coupled sampling randomness, conditioning on the released past). The paper's Renyi analysis of
+    the hidden state (its Theorem 3.8) claims a constant factor more noise than DP-SGD with subsampling;
+    its statement could not be verified here, so it is not used: epsilon is never under-stated, at the
+    cost of much more noise. A small ``error_max_grad_norm`` (e.g. C1 / E[B]) keeps it moderate.
+    """
+
+    amplified = False  # the accountant records sample rate 1 (see above)
+
+    def __init__(self, max_grad_norm: float, error_max_grad_norm: float, expected_batch_size: float) -> None:
+        super().__init__(max_grad_norm)
+        positive(error_max_grad_norm=error_max_grad_norm, expected_batch_size=expected_batch_size)
+        self.error_max_grad_norm = float(error_max_grad_norm)
+        self.expected_batch_size = float(expected_batch_size)
+        self.error: dict[nn.Parameter, Tensor] = {}
+
+    needs_unclipped = True
+
+    @property
+    def sensitivity(self) -> float:
+        return self.max_grad_norm + 2 * self.expected_batch_size * self.error_max_grad_norm
+
+    def combine(self, sums: list[tuple[nn.Parameter, Tensor]], unclipped: dict[nn.Parameter, Tensor],
+                mean_scale: float) -> None:
+        errors = [self.error.get(p) for p, _ in sums]
+        sq = sum(float(e.double().pow(2).sum()) for e in errors if e is not None)
+        k = min(1.0, self.error_max_grad_norm / (math.sqrt(sq) + 1e-12))  # clip(e, C2) = k * e
+        for (p, v), e in zip(sums, errors):
+            u = unclipped.get(p)
+            new = (u - v) / mean_scale if u is not None else torch.zeros_like(v)  # (1/B) sum g_i - clipped mean
+            if e is not None:
+                v.add_(e, alpha=k * mean_scale)  # the release gets clip(e, C2)
+                new += e * (1.0 - k)  # e + (mean g - clipped mean) - clip(e, C2)
+            self.error[p] = new
+
+    def state_dict(self, params: list[nn.Parameter]) -> dict[str, Any]:
+        return {"error": [self.error.get(p) for p in params]}
+
+    def load_state_dict(self, state: dict[str, Any], params: list[nn.Parameter]) -> None:
+        if "error" in state:
+            if len(state["error"]) != len(params):
+                raise ValueError(f"error-feedback state for {len(state['error'])} parameters, the optimizer has "
+                                 f"{len(params)}.")
+            self.error = {p: e.to(p.device) for p, e in zip(params, state["error"]) if e is not None}
+
+
+def _per_layer_groups(how: str | Sequence[Sequence[nn.Parameter]], params: list[nn.Parameter],
+                      layers: list[tuple[str, list[nn.Parameter]]]) -> list[list[nn.Parameter]]:
+    tracked = {id(p) for p in params}
+    if how == "parameter":
+        return [[p] for p in params]
+    if how == "module":
+        seen: set[int] = set()
+        out = []
+        for _, ps in layers:
+            group = [p for p in ps if id(p) not in seen]
+            seen.update(id(p) for p in group)
+            if group:
+                out.append(group)
+        return out
+    if isinstance(how, str):
+        raise ValueError(f"groups={how!r}: use 'parameter', 'module', or a list of parameter lists.")
+    groups = [list(g) for g in how]
+    ids = [id(p) for g in groups for p in g]
+    if len(ids) != len(set(ids)) or set(ids) != tracked:
+        raise ValueError("groups must put every trainable parameter of the model in exactly one group "
+                         f"({len(set(ids) & tracked)} of {len(tracked)} covered, {len(ids) - len(set(ids))} repeated, "
+                         f"{len(set(ids) - tracked)} not trainable in the model).")
+    return groups
+
+
+def _thresholds(max_grad_norm: Any, groups: list[list[nn.Parameter]], names: dict[int, str],
+                total_max_grad_norm: float | None) -> list[float]:
+    k = len(groups)
+    if isinstance(max_grad_norm, str):
+        if max_grad_norm != "dim":
+            raise ValueError(f"max_grad_norm={max_grad_norm!r}: use a float, a sequence or dict of floats, or 'dim'.")
+        if total_max_grad_norm is None:
+            raise ValueError("max_grad_norm='dim' sets C_l proportional to sqrt(numel of group l); give the total "
+                             "as total_max_grad_norm=C (then sqrt(sum C_l^2) = C).")
+        sizes = [sum(p.numel() for p in g) for g in groups]
+        return [total_max_grad_norm * math.sqrt(s / sum(sizes)) for s in sizes]
+    if isinstance(max_grad_norm, Mapping):
+        by_name = {names[id(g[0])]: i for i, g in enumerate(groups) if len(g) == 1}
+        out: list[float | None] = [None] * k
+        for key, c in max_grad_norm.items():
+            i = key if isinstance(key, int) else by_name.get(key)
+            if i is None or not 0 <= i < k:
+                raise ValueError(f"max_grad_norm key {key!r} is neither a group index in [0, {k}) nor the name of a "
+                                 "one-parameter group.")
+            out[i] = float(c)
+        if any(c is None for c in out):
+            raise ValueError(f"max_grad_norm dict gives {sum(c is not None for c in out)} of {k} group thresholds.")
+        return [float(c) for c in out]  # type: ignore[arg-type]
+    if isinstance(max_grad_norm, Sequence):
+        if len(max_grad_norm) != k:
+            raise ValueError(f"max_grad_norm has {len(max_grad_norm)} thresholds for {k} groups.")
+        return [float(c) for c in max_grad_norm]
+    positive(max_grad_norm=max_grad_norm)
+    return [float(max_grad_norm) / math.sqrt(k)] * k  # C_l = C / sqrt(K): total sensitivity C
+
+
+def amplified(mode: str | ClippingMode) -> bool:
+    """Whether the accountant may use the sample rate for this mode (error feedback: no, it records 1)."""
+    return ClippingMode(mode) is not ClippingMode.ERROR_FEEDBACK
+
+
+def make_policy(mode: str | ClippingMode, max_grad_norm: Any, *, params: list[nn.Parameter] | None = None,
+                layers: list[tuple[str, list[nn.Parameter]]] | None = None, names: dict[int, str] | None = None,
+                expected_batch_size: float | None = None, **options: Any) -> ClippingPolicy:
+    """Build the policy named at the user-facing boundary (strings and options are validated here, once).
+
+    ``params`` are the tracked trainable parameters and ``layers`` the tracked layers with their parameters
+    (per-layer groups need them); ``options`` are the mode's keyword arguments of ``make_private``.
+    """
     try:
         mode = ClippingMode(mode)
     except ValueError:
         raise ValueError(f"Unknown clipping={mode!r}; supported: {[m.value for m in ClippingMode]}.") from None
-    return FlatClipping(max_grad_norm)
+    allowed = {
+        ClippingMode.FLAT: set(),
+        ClippingMode.PER_LAYER: {"groups", "total_max_grad_norm"},
+        ClippingMode.AUTOMATIC: {"stability_constant"},
+        ClippingMode.ADAPTIVE: {"target_unclipped_quantile", "clipbound_learning_rate", "max_clipbound",
+                                "min_clipbound", "unclipped_num_std"},
+        ClippingMode.ERROR_FEEDBACK: {"error_max_grad_norm"},
+    }[mode]
+    unknown = set(options) - allowed
+    if unknown:
+        raise ValueError(f"clipping={mode.value!r} takes no option(s) {sorted(unknown)}; its options are "
+                         f"{sorted(allowed) or 'none'}.")
+    if mode is not ClippingMode.PER_LAYER and not isinstance(max_grad_norm, (int, float)):
+        raise ValueError(f"clipping={mode.value!r} needs a float max_grad_norm (per-group thresholds are for "
+                         "clipping='per_layer').")
+    if mode is ClippingMode.FLAT:
+        return FlatClipping(max_grad_norm)
+    if mode is ClippingMode.AUTOMATIC:
+        return AutomaticClipping(max_grad_norm, **options)
+    if mode is ClippingMode.ADAPTIVE:
+        if "unclipped_num_std" not in options:
+            raise ValueError("clipping='adaptive' needs unclipped_num_std (the noise of the unclipped count; "
+                             "Andrew et al. suggest about expected batch size / 20).")
+        return AdaptiveClipping(max_grad_norm, **options)
+    if mode is ClippingMode.ERROR_FEEDBACK:
+        if expected_batch_size is None:
+            raise ValueError("clipping='error_feedback' needs the expected batch size (its sensitivity uses it).")
+        return ErrorFeedbackClipping(max_grad_norm, options.get("error_max_grad_norm", max_grad_norm),
+                                     expected_batch_size)
+    if params is None or layers is None:
+        raise ValueError("clipping='per_layer' needs the model's parameters to form its groups.")
+    groups = _per_layer_groups(options.get("groups", "parameter"), params, layers)
+    thresholds = _thresholds(max_grad_norm, groups, names or {}, options.get("total_max_grad_norm"))
+    return PerLayerClipping(groups, thresholds)
+
+
+__all__ = ["AdaptiveClipping", "AutomaticClipping", "ClippingMode", "ClippingPolicy", "ErrorFeedbackClipping",
+           "FlatClipping", "PerLayerClipping", "amplified", "make_policy"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import warnings
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -13,9 +14,9 @@ from torch.utils.data import DataLoader
 
 from . import accounting
 from ._validate import non_negative, one_of
-from .clipping import make_policy
+from .clipping import amplified, make_policy
 from .data import DPDataLoader
-from .grad_sample.controller import GradSampleController, GradSampleMode, LossReduction
+from .grad_sample.controller import GradSampleController, GradSampleMode, LossReduction, trainable_layers
 from .noise import GaussianNoise
 from .optimizer import DPOptimizer
 from .validation import UnsupportedModuleError, validate
@@ -65,12 +66,13 @@ class PrivacyEngine:
         optimizer: Optimizer,
         data_loader: DataLoader,
         noise_multiplier: float,
-        max_grad_norm: float,
+        max_grad_norm: float | Sequence[float] | Mapping[str | int, float] | str,
         clipping: str = "flat",
         grad_sample_mode: str = "bk",
         poisson_sampling: bool = True,
         loss_reduction: str = "mean",
         epsilon_budget: tuple[float, float] | None = None,
+        **clipping_options: Any,
     ) -> tuple[nn.Module, DPOptimizer, DataLoader]:
         """Attach per-sample clipping, noise and accounting. Always returns ``(module, optimizer, data_loader)``.
 
@@ -82,8 +84,15 @@ class PrivacyEngine:
             data_loader: the training loader; with ``poisson_sampling`` it is replaced by a loader that
                 includes each example independently with probability q = 1 / len(data_loader).
             noise_multiplier: sigma; Gaussian noise of std sigma * max_grad_norm is added to the clipped sum.
-            max_grad_norm: C, the per-sample clipping threshold.
-            clipping: clipping policy ("flat").
+            max_grad_norm: C, the per-sample clipping threshold. For ``clipping="per_layer"`` also a
+                sequence or dict (group index or parameter name) of per-group thresholds, or ``"dim"``
+                (C_l proportional to sqrt(numel), with ``total_max_grad_norm=C``).
+            clipping: what is clipped: "flat" (the whole per-sample gradient), "per_layer" (each group on its
+                own; ``groups="parameter"`` (default), ``"module"`` or a list of parameter lists),
+                "automatic" (normalization C / (||g_i|| + stability_constant)), "adaptive" (quantile-tracking
+                bound; ``target_unclipped_quantile``, ``clipbound_learning_rate``, ``max_clipbound``,
+                ``min_clipbound``, ``unclipped_num_std``) or "error_feedback" (DiceSGD;
+                ``error_max_grad_norm``). See ``dpengine.clipping``.
             grad_sample_mode: "hooks" (materialized reference), "ghost" (Gram norms) or "bk" (book-keeping).
             poisson_sampling: replace the loader's sampling by Poisson sampling (what the accountant assumes).
             loss_reduction: "mean" or "sum", how the loss reduces over the batch.
@@ -108,8 +117,6 @@ class PrivacyEngine:
         if problems:
             raise UnsupportedModuleError(problems)
         self._check_optimizer(module, optimizer)
-        policy = make_policy(clipping, max_grad_norm)
-
         if poisson_sampling:
             gen = None
             if self._sampling_seed is not None:
@@ -126,8 +133,19 @@ class PrivacyEngine:
             expected_batch_size = float(data_loader.batch_size)
             sample_rate = expected_batch_size / len(data_loader.dataset)  # type: ignore[arg-type]
 
+        layers = trainable_layers(module)
+        params = list({id(p): p for _, _, ps in layers for _, p in ps}.values())
+        policy = make_policy(clipping, max_grad_norm, params=params,
+                             layers=[(name, [p for _, p in ps]) for name, _, ps in layers],
+                             names={id(p): n for n, p in module.named_parameters()}, expected_batch_size=expected_batch_size,
+                             **clipping_options)
+        policy.grad_noise_multiplier(noise_multiplier)  # refuses a setting that cannot be split (adaptive)
+
+        if not policy.amplified:  # see the policy's docstring: each step accounted at sample rate 1
+            sample_rate = 1.0
+
         self.controller = GradSampleController(
-            module, mode=GradSampleMode(grad_sample_mode), clip_factors=policy.factors,
+            module, mode=GradSampleMode(grad_sample_mode), policy=policy,
             loss_reduction=LossReduction(loss_reduction))
         if isinstance(data_loader, DPDataLoader):
             # every batch the loader yields tells the controller its size: the batch every tracked layer
@@ -135,7 +153,7 @@ class PrivacyEngine:
             data_loader.on_batch = self.controller.note_batch
         self.optimizer = DPOptimizer(
             optimizer, controller=self.controller, noise_multiplier=noise_multiplier,
-            sensitivity=policy.sensitivity, expected_batch_size=expected_batch_size, sample_rate=sample_rate,
+            policy=policy, expected_batch_size=expected_batch_size, sample_rate=sample_rate,
             loss_reduction=LossReduction(loss_reduction), noise=self.noise, accountant=self.accountant)
         if epsilon_budget is not None:
             self.optimizer.set_budget(*epsilon_budget)
@@ -163,6 +181,8 @@ class PrivacyEngine:
             sample_rate = 1.0 / len(data_loader)
         else:
             sample_rate = data_loader.batch_size / len(data_loader.dataset)  # type: ignore[arg-type,operator]
+        if not amplified(kwargs.get("clipping", "flat")):
+            sample_rate = 1.0
         sigma = accounting.get_noise_multiplier(
             target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=sample_rate, steps=steps,
             accountant=self.accountant_name)

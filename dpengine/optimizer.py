@@ -18,6 +18,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from . import accounting
+from .clipping import ClippingPolicy
 from .grad_sample.controller import GradSampleController, LossReduction
 from .noise import GaussianNoise
 
@@ -52,8 +53,9 @@ class DPOptimizer(Optimizer):
     Args:
         optimizer: the user's optimizer over the model's trainable parameters.
         controller: the grad-sample controller of the private module.
-        noise_multiplier: sigma; noise std is ``sigma * policy.sensitivity``.
-        sensitivity: L2 sensitivity of the clipped sum (the clipping policy's).
+        noise_multiplier: sigma, told to the accountant; the gradient's noise std is
+            ``policy.grad_noise_multiplier(sigma) * policy.sensitivity``.
+        policy: the clipping policy (its groups, factors, sensitivity and state between steps).
         expected_batch_size: q * N, fixed at ``make_private`` (divides the noisy sum for mean reduction).
         sample_rate: q, recorded with the accountant each step.
         accountant: an accountant from ``dpengine.accounting`` (``step(noise_multiplier=, sample_rate=)``).
@@ -68,7 +70,7 @@ class DPOptimizer(Optimizer):
         *,
         controller: GradSampleController,
         noise_multiplier: float,
-        sensitivity: float,
+        policy: ClippingPolicy,
         expected_batch_size: float,
         sample_rate: float,
         loss_reduction: LossReduction,
@@ -81,7 +83,7 @@ class DPOptimizer(Optimizer):
         self.state = optimizer.state
         self.controller = controller
         self.noise_multiplier = float(noise_multiplier)
-        self.sensitivity = float(sensitivity)
+        self.policy = policy
         self.expected_batch_size = float(expected_batch_size)
         self.sample_rate = float(sample_rate)
         self.loss_reduction = loss_reduction
@@ -203,6 +205,11 @@ class DPOptimizer(Optimizer):
                 "spends it faster.")
 
     @property
+    def sensitivity(self) -> float:
+        """The clipping policy's sensitivity at this step (adaptive clipping moves it)."""
+        return self.policy.sensitivity
+
+    @property
     def params(self) -> list[nn.Parameter]:
         return [p for group in self.param_groups for p in group["params"]]
 
@@ -228,6 +235,7 @@ class DPOptimizer(Optimizer):
     @torch.no_grad()
     def _privatize(self) -> None:
         sums = self.controller.pop_clipped_sums()
+        unclipped = self.controller.pop_unclipped_sums()
         tracked = self.controller.param_ids
         grads: list[tuple[nn.Parameter, torch.Tensor]] = []
         for p in self.params:
@@ -245,7 +253,10 @@ class DPOptimizer(Optimizer):
         # the sums are engine-owned buffers: noise goes in place, added once per logical step
         # the clipped sums already carry the 1 / expected batch size of a mean reduction (the controller
         # folds it into the per-sample factors), so the noise is scaled the same way: no extra pass
-        self.noise.add_([g for _, g in grads], self.noise_multiplier * self.sensitivity * self.controller.output_scale)
+        # error feedback adds its clipped error state to the release here (and updates it, un-noised)
+        self.policy.combine(grads, unclipped, self.expected_batch_size * self.controller.output_scale)
+        sigma = self.policy.grad_noise_multiplier(self.noise_multiplier)
+        self.noise.add_([g for _, g in grads], sigma * self.policy.sensitivity * self.controller.output_scale)
         for p, grad in grads:
             # sums of low-precision parameters are kept and noised in float32; rounding the noisy sum
             # to the parameter's dtype is post-processing
@@ -278,15 +289,19 @@ class DPOptimizer(Optimizer):
                           "training; the step itself is still private.", stacklevel=2)
         self._check_budget()
         self._privatize()
+        self.policy.after_step(self.noise, self.expected_batch_size)
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
         self.steps_taken += 1
         self.original_optimizer.step()
         return loss
 
     def state_dict(self) -> dict[str, Any]:
-        return self.original_optimizer.state_dict()
+        """The wrapped optimizer's state, plus the clipping policy's (error feedback's e, adaptive's bound)."""
+        return {**self.original_optimizer.state_dict(), "dpengine_clipping": self.policy.state_dict(self.params)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        self.policy.load_state_dict(state_dict.pop("dpengine_clipping", {}), self.params)
         self.original_optimizer.load_state_dict(state_dict)
         self.param_groups = self.original_optimizer.param_groups
         self.state = self.original_optimizer.state

@@ -30,6 +30,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from ..clipping import ClippingPolicy
 from .functorch import FALLBACK
 from .registry import (LayerHandler, NormMethod, PerSampleGradientError, Record, cross_term, direct_trainable,
                        find_handler, row_sq, weighted_sum)
@@ -237,6 +238,25 @@ def _lazy(make: Callable[[], Tensor]) -> Callable[[], Tensor]:
     return get
 
 
+class _OneGroup(ClippingPolicy):
+    """A bare factor function as a one-group policy (tests and tools that bring their own factors)."""
+
+    def __init__(self, fn: Callable[[Tensor], Tensor]) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def factors(self, norms: Tensor) -> Tensor:
+        return self.fn(norms[0]).unsqueeze(0)
+
+
+def _accumulate(into: dict[nn.Parameter, Tensor], p: nn.Parameter, t: Tensor) -> None:
+    t = t.to(_sum_dtype(p))
+    if p in into:
+        into[p].add_(t)
+    else:
+        into[p] = t
+
+
 def _sum_dtype(p: Tensor) -> torch.dtype:
     """Clipped sums are kept (and noised) in at least float32: rounding a sum to bf16 before the noise is
     not post-processing, and could push one sample's contribution past the clipping bound."""
@@ -261,12 +281,17 @@ class GradSampleController:
         module: nn.Module,
         *,
         mode: GradSampleMode,
-        clip_factors: Callable[[Tensor], Tensor],
         loss_reduction: LossReduction,
+        policy: ClippingPolicy | None = None,
+        clip_factors: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
+        """``policy`` groups the parameters and turns per-group norms into factors; ``clip_factors`` is a
+        shorthand for one group: (B,) norms -> (B,) factors."""
         self.module = module
         self.mode = mode
-        self.clip_factors = clip_factors
+        if (policy is None) == (clip_factors is None):
+            raise ValueError("give exactly one of policy= and clip_factors=")
+        self.policy = policy if policy is not None else _OneGroup(clip_factors)  # type: ignore[arg-type]
         self.loss_reduction = loss_reduction
         self.layers: list[TrackedLayer] = []
         for name, layer, trainable in trainable_layers(module):
@@ -295,7 +320,9 @@ class GradSampleController:
         #: backward passes that were not a full ``backward()`` (``torch.autograd.grad``), dropped
         self.skipped_backwards = 0
         self._warned_unverified = False
-        self.last_norms: Tensor | None = None
+        self.last_norms: Tensor | None = None  # (B,) each sample's whole-gradient norm, last backward
+        self.last_group_norms: Tensor | None = None  # (K, B) per clipping group
+        self._unclipped: dict[nn.Parameter, Tensor] = {}  # sum_i g_i, for policies that need it
         #: multiplies every clipped sum (the optimizer sets 1 / expected batch size for mean reduction)
         self.output_scale = 1.0
         self._swapped: set[int] = set()  # layers whose parameters the pre-hook swapped for this call
@@ -507,6 +534,7 @@ class GradSampleController:
         if batch == 0:  # an empty Poisson batch: nothing to clip, the step still adds noise
             ref = pending[0][1].g
             self.last_norms = ref.new_zeros(0)
+            self.last_group_norms = ref.new_zeros(self.policy.num_groups, 0)
             for tl, _ in pending:
                 for p in tl.params:
                     self._summed.setdefault(p, torch.zeros_like(p, dtype=_sum_dtype(p)))
@@ -514,13 +542,14 @@ class GradSampleController:
             return
         # mean reduction: autograd's g is (1/B) * per-sample g; scale norms and factors, not tensors.
         scale = float(batch) if self.loss_reduction is LossReduction.MEAN else 1.0
+        group = self.policy.group
 
         uses: dict[nn.Parameter, list[tuple[TrackedLayer, Record, str]]] = {}
         for tl, rec in pending:
             for n, p in zip(tl.names, tl.params):
                 uses.setdefault(p, []).append((tl, rec, n))
         ref = pending[0][1].g
-        sq_total = ref.new_zeros(batch, dtype=torch.promote_types(ref.dtype, torch.float32))
+        sq = ref.new_zeros(self.policy.num_groups, batch, dtype=torch.promote_types(ref.dtype, torch.float32))
         direct: dict[tuple[int, int], tuple[TrackedLayer, Record, list[str]]] = {}  # reduced by the handler
         materialized: dict[nn.Parameter, Tensor] = {}  # summed per-sample gradients (hooks, or no factors)
         for p, us in uses.items():
@@ -530,7 +559,7 @@ class GradSampleController:
                     # ||sum_u G_u||^2 = sum_u ||G_u||^2 + 2 sum_{u<v} <G_u, G_v>, never materialized
                     for i in range(len(facs)):
                         for j in range(i):
-                            sq_total += 2 * cross_term(facs[i], facs[j])
+                            sq[group(p)] += 2 * cross_term(facs[i], facs[j])
                     for tl, rec, n in us:
                         direct.setdefault((id(tl), id(rec)), (tl, rec, []))[2].append(n)
                     continue
@@ -538,37 +567,43 @@ class GradSampleController:
                 for tl, rec, n in us:
                     ps = tl.handler.per_sample(tl.module, rec, [n])[n]
                     materialized[p] = materialized[p] + ps if p in materialized else ps
-                sq_total += row_sq(materialized[p])
+                sq[group(p)] += row_sq(materialized[p])
                 continue
             tl, rec, n = us[0]
             direct.setdefault((id(tl), id(rec)), (tl, rec, []))[2].append(n)
         for tl, rec, names in direct.values():
-            for t in tl.handler.norm_sq(tl.module, rec, names, self._method(tl, rec)).values():
-                sq_total += t
+            for n, t in tl.handler.norm_sq(tl.module, rec, names, self._method(tl, rec)).items():
+                sq[group(tl.params[tl.names.index(n)])] += t
 
-        norms = sq_total.sqrt() * scale
+        norms = sq.sqrt() * scale  # (K, B)
         if batch and not bool(torch.isfinite(norms).all()):
             raise PerSampleGradientError(
                 "non-finite per-sample gradient norm (NaN or inf) in this batch; the update is refused rather "
                 "than clipped silently. Check the loss and inputs (lower the learning rate, or clamp logits).")
-        self.last_norms = norms
-        # (B,): factor per sample, times the mean-reduction scale and the output scale (1 / expected batch
-        # size for a mean-reduced loss), so no pass over the summed gradients is needed later
-        c = self.clip_factors(norms) * (scale * self.output_scale)
-
-        for tl, rec, names in direct.values():
-            for n, t in tl.handler.clipped_sum(tl.module, rec, names, c).items():
-                self._accumulate(tl.params[tl.names.index(n)], t)
-        for p, ps in materialized.items():
-            self._accumulate(p, weighted_sum(ps, c))
+        self.last_group_norms = norms
+        self.last_norms = norms[0] if norms.shape[0] == 1 else sq.sum(0).sqrt() * scale
+        # (K, B): factor per group and sample, times the mean-reduction scale and the output scale (1 / expected
+        # batch size for a mean-reduced loss), so no pass over the summed gradients is needed later
+        c = self.policy.factors(norms) * (scale * self.output_scale)
+        self._weighted_sums(direct, materialized, c, self._summed)
+        if self.policy.needs_unclipped:  # one more weighted GEMM from the same captured tensors
+            ones = torch.full_like(c, scale * self.output_scale)
+            self._weighted_sums(direct, materialized, ones, self._unclipped)
         self.batches_accumulated += 1
 
-    def _accumulate(self, p: nn.Parameter, t: Tensor) -> None:
-        t = t.to(_sum_dtype(p))
-        if p in self._summed:
-            self._summed[p].add_(t)
-        else:
-            self._summed[p] = t
+    def _weighted_sums(self, direct: dict[tuple[int, int], tuple[TrackedLayer, Record, list[str]]],
+                       materialized: dict[nn.Parameter, Tensor], c: Tensor, into: dict[nn.Parameter, Tensor]) -> None:
+        """sum_i c[group, i] * grad_i for every parameter, accumulated into ``into``."""
+        group = self.policy.group
+        for tl, rec, names in direct.values():
+            by_group: dict[int, list[str]] = {}
+            for n in names:
+                by_group.setdefault(group(tl.params[tl.names.index(n)]), []).append(n)
+            for k, ns in by_group.items():
+                for n, t in tl.handler.clipped_sum(tl.module, rec, ns, c[k]).items():
+                    _accumulate(into, tl.params[tl.names.index(n)], t)
+        for p, ps in materialized.items():
+            _accumulate(into, p, weighted_sum(ps, c[group(p)]))
 
     def _check_no_leak(self) -> None:
         for tl in self.layers:
@@ -615,6 +650,11 @@ class GradSampleController:
         self.batches_accumulated = self.repeated_batches = 0
         return out
 
+    def pop_unclipped_sums(self) -> dict[nn.Parameter, Tensor]:
+        """The unclipped sums (policies with ``needs_unclipped``) since the last pop, in the same scale."""
+        out, self._unclipped = self._unclipped, {}
+        return out
+
     def mark_written(self, p: nn.Parameter, grad: Tensor) -> None:
         """Remember the private gradient the optimizer wrote (and its version), so it is not mistaken for a
         leak; autograd accumulating into it in place changes the version."""
@@ -622,6 +662,7 @@ class GradSampleController:
 
     def clear(self) -> None:
         self._summed = {}
+        self._unclipped = {}
         self._pending = []
         self.batches_accumulated = self.repeated_batches = 0
         self._written = {}
