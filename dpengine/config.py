@@ -14,6 +14,7 @@ from ._validate import in_range, one_of, positive
 DATASETS = ["digits"]
 MODELS = ["mlp"]
 OPTIMIZERS = ["sgd", "adam"]
+CLIPPING_MODES = ["flat", "per_layer", "automatic", "adaptive", "error_feedback"]
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,8 @@ class PrivacyConfig:
     delta: float = 1e-5
     max_grad_norm: float = 1.0
     clipping: str = "flat"
+    #: the clipping mode's keyword arguments of make_private (a TOML table [privacy.clipping_options])
+    clipping_options: dict[str, Any] = field(default_factory=dict)
     grad_sample_mode: str = "bk"
     accountant: str = "rdp"
     secure_mode: bool = False
@@ -75,6 +78,7 @@ class PrivacyConfig:
             positive(target_epsilon=self.target_epsilon)
         in_range(0.0, 1.0, delta=self.delta)
         positive(max_grad_norm=self.max_grad_norm)
+        one_of(CLIPPING_MODES, clipping=self.clipping)
         one_of(["hooks", "ghost", "bk"], grad_sample_mode=self.grad_sample_mode)
 
 
@@ -92,6 +96,8 @@ def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
     if unknown:
         raise ValueError(f"Unknown key(s) {sorted(unknown)} in [{where}]; expected some of {sorted(known)}.")
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
+    if cls is PrivacyConfig and "clipping_options" in kwargs:
+        kwargs["clipping_options"] = dict(kwargs["clipping_options"])
     return cls(**kwargs)
 
 

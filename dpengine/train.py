@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
-from .config import TrainConfig, load_config
+from .config import CLIPPING_MODES, TrainConfig, load_config
 
 
 def load_dataset(cfg: TrainConfig) -> tuple[TensorDataset, TensorDataset, int, int]:
@@ -83,7 +83,7 @@ def run(cfg: TrainConfig, private: bool = True, progress: bool = True) -> RunRes
         engine = PrivacyEngine(accountant=p.accountant, secure_mode=p.secure_mode,
                                seed=None if p.secure_mode else cfg.training.seed)
         common = dict(module=model, optimizer=optimizer, data_loader=loader, max_grad_norm=p.max_grad_norm,
-                      clipping=p.clipping, grad_sample_mode=p.grad_sample_mode)
+                      clipping=p.clipping, grad_sample_mode=p.grad_sample_mode, **p.clipping_options)
         if p.target_epsilon is not None:
             model, optimizer, loader = engine.make_private_with_epsilon(
                 **common, target_epsilon=p.target_epsilon, target_delta=p.delta, epochs=cfg.training.epochs)
@@ -108,15 +108,29 @@ def run(cfg: TrainConfig, private: bool = True, progress: bool = True) -> RunRes
         noise_multiplier=optimizer.noise_multiplier if engine else None, steps=steps, seconds=seconds)
 
 
+def default_clipping_options(mode: str, batch_size: int) -> dict[str, Any]:
+    """Options a mode needs when the config does not give them (adaptive's count noise: E[B] / 20, as
+    Andrew et al. suggest)."""
+    return {"unclipped_num_std": batch_size / 20} if mode == "adaptive" else {}
+
+
 @click.command("train")
 @click.argument("config", required=False, type=click.Path(exists=True, dir_okay=False))
 @click.option("--compare-nonprivate", is_flag=True, help="Also train the same model without privacy.")
+@click.option("--clipping", type=click.Choice(CLIPPING_MODES), default=None,
+              help="Override the config's clipping mode (the mode's options come from the config's "
+                   "[privacy.clipping_options] when it names the same mode, else the mode's defaults).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
-def train(config: str | None, compare_nonprivate: bool, as_json: bool, no_progress: bool) -> None:
+def train(config: str | None, compare_nonprivate: bool, clipping: str | None, as_json: bool,
+          no_progress: bool) -> None:
     """Train privately as CONFIG says (default: the packaged configs/default.toml) and report
     test accuracy and epsilon at the config's delta."""
     cfg = load_config(config)
+    if clipping is not None and clipping != cfg.privacy.clipping:
+        options = default_clipping_options(clipping, cfg.training.batch_size)
+        cfg = dataclasses.replace(cfg, privacy=dataclasses.replace(cfg.privacy, clipping=clipping,
+                                                                   clipping_options=options))
     torch.set_num_threads(min(2, torch.get_num_threads()))
     results = [run(cfg, private=True, progress=not no_progress)]
     if compare_nonprivate:

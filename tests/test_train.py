@@ -56,3 +56,22 @@ def test_noise_multiplier_config_path():
                               privacy=dataclasses.replace(cfg.privacy, target_epsilon=None, noise_multiplier=1.0))
     res = run(cfg, private=True, progress=False)
     assert res.noise_multiplier == 1.0 and res.epsilon > 0
+
+
+@pytest.mark.parametrize("mode", ["per_layer", "automatic", "adaptive", "error_feedback"])
+def test_every_mode_config_loads_and_trains_privately(mode, tmp_path):
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).parent.parent / "configs" / f"{mode}.toml")
+    assert cfg.privacy.clipping == mode
+    short = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, epochs=1))
+    res = run(short, private=True, progress=False)
+    assert res.steps == 12 and 0 < res.epsilon <= 3.0
+
+
+def test_cli_clipping_override_uses_the_mode():
+    res = CliRunner().invoke(train, ["--clipping", "automatic", "--json", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["config"]["privacy"]["clipping"] == "automatic"
+    assert out["runs"][0]["epsilon"] <= 3.0
