@@ -187,7 +187,7 @@ class AdaptiveClipping(FlatClipping):
             raise ValueError(
                 f"adaptive clipping: the count's noise (unclipped_num_std={self.unclipped_num_std:g}) alone spends "
                 f"more than noise_multiplier={noise_multiplier:g} allows (it needs unclipped_num_std > "
-                f"1 / (2 * noise_multiplier) = {0.5 / noise_multiplier if noise_multiplier > 0 else math.inf:g}). "
+                f"noise_multiplier / 2 = {noise_multiplier / 2:g}). "
                 "Raise unclipped_num_std (Andrew et al. suggest about expected batch size / 20) or the noise.")
         return rest ** -0.5
 
@@ -359,7 +359,11 @@ def make_policy(mode: str | ClippingMode, max_grad_norm: Any, *, params: list[nn
     if unknown:
         raise ValueError(f"clipping={mode.value!r} takes no option(s) {sorted(unknown)}; its options are "
                          f"{sorted(allowed) or 'none'}.")
-    if mode is not ClippingMode.PER_LAYER and not isinstance(max_grad_norm, (int, float)):
+    if "total_max_grad_norm" in options and max_grad_norm != "dim":
+        raise ValueError("total_max_grad_norm is the total of max_grad_norm='dim' thresholds; with other "
+                         "thresholds it would be ignored. Drop it, or set max_grad_norm='dim'.")
+    if isinstance(max_grad_norm, bool) or (
+            mode is not ClippingMode.PER_LAYER and not isinstance(max_grad_norm, (int, float))):
         raise ValueError(f"clipping={mode.value!r} needs a float max_grad_norm (per-group thresholds are for "
                          "clipping='per_layer').")
     if mode is ClippingMode.FLAT:
