@@ -39,6 +39,8 @@ class ClippingPolicy:
     needs_unclipped: bool = False
     #: subsampling amplifies this mode's privacy (False: the accountant records sample rate 1)
     amplified: bool = True
+    #: a group's factors depend only on that group's norms (and the policy keeps no state in factors)
+    separable: bool = False
 
     def __init__(self) -> None:
         self._group: dict[int, int] = {}
@@ -119,6 +121,8 @@ class PerLayerClipping(ClippingPolicy):
         self._group = {id(p): k for k, ps in enumerate(groups) for p in ps}
         self.thresholds = [float(t) for t in thresholds]
         self._c: Tensor | None = None
+
+    separable = True
 
     @property
     def sensitivity(self) -> float:

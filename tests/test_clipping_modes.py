@@ -639,3 +639,38 @@ def test_per_layer_groups_repeating_or_foreign_parameters_are_refused(groups):
 def test_per_layer_bad_thresholds_are_refused(options, match):
     with pytest.raises(ValueError, match=match):
         _make("per_layer", **options)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "bk"])
+def test_per_layer_reduces_each_layer_as_its_gradient_arrives(mode):
+    """Separable groups: each layer's clipped sum is formed in its own tap and its captures freed there;
+    layers sharing a parameter (tied) or a group wait for the end of the backward. Same result either way."""
+    from models import TinyGPT, seq_ce
+
+    torch.manual_seed(0)
+    model = TinyGPT(vocab=11, d=8, heads=2, layers=1, padding_idx=0, tie=True).double()
+    x, y = torch.randint(0, 11, (5, 6)), torch.randint(0, 11, (5, 6))
+    ds = torch.utils.data.TensorDataset(x, y)
+    engine = PrivacyEngine(seed=0)
+    model, opt, dl = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+        data_loader=torch.utils.data.DataLoader(ds, batch_size=5), noise_multiplier=0.0, max_grad_norm=0.7,
+        clipping="per_layer", groups="module", grad_sample_mode=mode)
+    ctrl = engine.controller
+    for xb, yb in dl:
+        seq_ce("mean")(model(xb), yb).backward()
+        early = ctrl.early_reductions
+        # every layer but the tied embedding/head pair is reduced early
+        assert early == len(ctrl.layers) - 2, (early, len(ctrl.layers))
+        assert not ctrl._staged and not ctrl._pending
+        got = {id(p): t.clone() for p, t in ctrl._summed.items()}
+        norms = ctrl.last_group_norms.clone()
+    # the same step without early reduction gives the same sums and norms
+    ctrl._own_groups = {}
+    ctrl.clear()
+    ctrl._batch_reduced = False
+    seq_ce("mean")(model(xb), yb).backward()
+    assert ctrl.early_reductions == early
+    for p, t in ctrl._summed.items():
+        assert torch.allclose(t, got[id(p)], rtol=1e-12, atol=1e-15)
+    assert torch.allclose(ctrl.last_group_norms, norms, rtol=1e-12)

@@ -1,5 +1,6 @@
 """Outputs of a run: the long-format CSV (appended), a JSON dump of the run, markdown tables
-(printed with rich and written), the PNG plot and a RESULTS.md report."""
+(printed with rich and written), the PNG plot (skipped with a note without matplotlib) and a RESULTS.md
+report. The raw JSONL (``results.jsonl``) is written by the runner while the run goes."""
 
 from __future__ import annotations
 
@@ -12,13 +13,33 @@ from typing import Any
 
 from dpengine.bench.runner import CSV_COLUMNS
 from dpengine.bench.suite import Suite
+from dpengine.bench.worker import PRECISIONS
 
 MODE_ORDER = ("nonprivate", "hooks", "ghost", "bk", "fused", "opacus-hooks", "opacus-ghost")
 
 
+def _migrate_csv(path: Path) -> None:
+    """Rewrite ``path`` under the current header if an older version of the bench wrote it (columns added
+    since are left empty, except ``precision``, which was always fp32)."""
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        if tuple(reader.fieldnames or ()) == CSV_COLUMNS:
+            return
+        rows = list(reader)
+    tmp = path.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore", restval="")
+        w.writeheader()
+        w.writerows({"precision": "fp32", **r} for r in rows)
+    tmp.replace(path)
+
+
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    """Append ``rows`` to ``path`` (header written when the file is new or empty)."""
+    """Append ``rows`` to ``path`` (header written when the file is new or empty; a file with an older
+    header is first rewritten under the current one)."""
     new = not path.exists() or path.stat().st_size == 0
+    if not new:
+        _migrate_csv(path)
     with path.open("a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         if new:
@@ -62,26 +83,47 @@ def _model_label(s: dict[str, Any]) -> str:
     return s["model"] + (" " + ",".join(f"{k}={v}" for k, v in sorted(params.items())) if params else "")
 
 
+def _launches(m: dict[str, Any]) -> str:
+    """CUDA kernels per step where counted, else ATen operators, with the DP / non-private ratio."""
+    for key, ratio, unit in (("kernels_per_step", "kernels_ratio_vs_nonprivate", "kernels"),
+                             ("ops_per_step", "ops_ratio_vs_nonprivate", "ops")):
+        if key in m:
+            return f"{m[key][0]:.0f} {unit}" + (f" ({m[ratio][0]:.2f}×)" if ratio in m else "")
+    return "–"
+
+
 def main_table(summary: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    head = ["model", "batch", "mode", "status", "step ms (p20–p80)", "samples/s", "peak MB", "peak−base MB",
-            "time ×NP", "peak mem ×NP", "time ×best Opacus"]
+    head = ["model", "batch", "precision", "mode", "status", "step ms (p20–p80)", "samples/s", "peak MB",
+            "peak−base MB", "time ×NP", "peak mem ×NP", "launches/step (×NP)", "time ×best Opacus"]
     rows = []
     order = {m: i for i, m in enumerate(MODE_ORDER)}
     for s in sorted(summary, key=lambda s: (s["model"], json.dumps(s.get("params", {})), s["batch"],
-                                            order.get(s["mode"], 99))):
-        m = s["metrics"]
+                                            _precision_rank(s), order.get(s["mode"], 99))):
+        m, precision = s["metrics"], s.get("precision", "fp32")
         if not m:
-            rows.append([_model_label(s), str(s["batch"]), s["mode"], s["status"]] + ["–"] * (len(head) - 4))
+            rows.append([_model_label(s), str(s["batch"]), precision, s["mode"], _short(s["status"])]
+                        + ["–"] * (len(head) - 5))
             continue
         med, p20, p80, _ = m["step_time_s"]
         best = s.get("best_opacus", {}).get("time")
         rows.append([
-            _model_label(s), str(s["batch"]), s["mode"], "ok",
+            _model_label(s), str(s["batch"]), precision, s["mode"], "ok" + (f" ({s['note']})" if s.get("note") else ""),
             f"{med * 1e3:.1f} ({p20 * 1e3:.1f}–{p80 * 1e3:.1f})", f"{m['samples_per_s'][0]:.0f}",
             f"{m['peak_mem_mb'][0]:.0f}", f"{m['step_mem_mb'][0]:.0f}", _ratio(m, "time_ratio_vs_nonprivate"),
-            _ratio(m, "mem_ratio_vs_nonprivate"),
+            _ratio(m, "mem_ratio_vs_nonprivate"), _launches(m),
             _ratio(m, "time_ratio_vs_best_opacus") + (f" [{best}]" if best else "")])
     return head, rows
+
+
+def _short(status: str) -> str:
+    """A "not supported: what: why" status without its why (the notes and the CSV keep it)."""
+    parts = status.split(": ", 2)
+    return f"{parts[0]}: {parts[1]} (see notes)" if parts[0] == "not supported" and len(parts) == 3 else status
+
+
+def _precision_rank(s: dict[str, Any]) -> int:
+    p = s.get("precision", "fp32")
+    return PRECISIONS.index(p) if p in PRECISIONS else 99
 
 
 def accounting_table(acc: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
@@ -99,13 +141,14 @@ def accounting_table(acc: list[dict[str, Any]]) -> tuple[list[str], list[list[st
 
 
 def targets_table(suite: Suite, summary: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    head = ["model", "batch", "mode", "metric", "measured (p20–p80)", "target", "met", "reference"]
+    head = ["model", "batch", "precision", "mode", "metric", "measured (p20–p80)", "target", "met", "reference"]
     rows = []
     for t in suite.targets:
-        hit = [s for s in summary if s["model"] == t.model and s["batch"] == t.batch and s["mode"] == t.mode]
+        hit = [s for s in summary if s["model"] == t.model and s["batch"] == t.batch and s["mode"] == t.mode
+               and s.get("precision", "fp32") == t.precision]
         val = hit[0]["metrics"].get(t.metric) if hit and hit[0]["metrics"] else None
         met = "–" if val is None else ("yes" if val[0] <= t.max else "no")
-        rows.append([t.model, str(t.batch), t.mode, t.metric, _ratio({t.metric: val}, t.metric) if val else
+        rows.append([t.model, str(t.batch), t.precision, t.mode, t.metric, _ratio({t.metric: val}, t.metric) if val else
                      (hit[0]["status"] if hit else "not run"), f"≤ {t.max:g}×", met, t.note])
     return head, rows
 
@@ -135,14 +178,25 @@ def print_tables(tables: list[tuple[str, list[str], list[list[str]]]]) -> None:
 # ------------------------------------------------------------------------------------ plot
 
 
-def plot(summary: list[dict[str, Any]], path: Path, title: str = "") -> None:
-    """Three panels: throughput per mode per model (log), step-time (log) and peak-memory overhead vs non-private."""
-    import matplotlib
+PLOT_SKIPPED = "plot skipped: matplotlib is not installed (pip install 'dpengine[plot]')"
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    groups = sorted({(_model_label(s), s["batch"]) for s in summary})
+def plot(summary: list[dict[str, Any]], path: Path, title: str = "") -> bool:
+    """Three panels: throughput per mode per model (log), step-time (log) and peak-memory overhead vs
+    non-private. Returns False (and draws nothing) when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+
+    def group(s: dict[str, Any]) -> tuple[str, int, str]:
+        return _model_label(s), s["batch"], s.get("precision", "fp32")
+
+    several = len({s.get("precision", "fp32") for s in summary}) > 1
+    groups = sorted({group(s) for s in summary}, key=lambda g: (g[0], g[1], _precision_rank({"precision": g[2]})))
     modes = [m for m in MODE_ORDER if any(s["mode"] == m and s["metrics"] for s in summary)]
     fig, axes = plt.subplots(1, 3, figsize=(6 + 2.2 * max(len(groups), 1) * 1.5, 4.5))
     panels = [("samples_per_s", "samples / s (log)", True), ("time_ratio_vs_nonprivate", "step time × non-private (log)", True),
@@ -151,9 +205,8 @@ def plot(summary: list[dict[str, Any]], path: Path, title: str = "") -> None:
     for ax, (metric, label, log) in zip(axes, panels):
         for j, mode in enumerate(modes):
             xs, ys, lo, hi = [], [], [], []
-            for i, (lab, b) in enumerate(groups):
-                hit = [s for s in summary if _model_label(s) == lab and s["batch"] == b and s["mode"] == mode
-                       and metric in s["metrics"]]
+            for i, g in enumerate(groups):
+                hit = [s for s in summary if group(s) == g and s["mode"] == mode and metric in s["metrics"]]
                 if hit:
                     med, p20, p80, _ = hit[0]["metrics"][metric]
                     xs.append(i + (j - (len(modes) - 1) / 2) * width)
@@ -164,7 +217,7 @@ def plot(summary: list[dict[str, Any]], path: Path, title: str = "") -> None:
                 ax.bar(xs, ys, width, yerr=[lo, hi], label=mode, capsize=2,
                        color=plt.get_cmap("tab10")(MODE_ORDER.index(mode) % 10))
         ax.set_xticks(range(len(groups)))
-        ax.set_xticklabels([f"{lab}\nb={b}" for lab, b in groups], fontsize=7)
+        ax.set_xticklabels([f"{lab}\nb={b}" + (f" {p}" if several else "") for lab, b, p in groups], fontsize=7)
         ax.set_ylabel(label)
         if log:
             ax.set_yscale("log")
@@ -177,6 +230,7 @@ def plot(summary: list[dict[str, Any]], path: Path, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 # ------------------------------------------------------------------------------ RESULTS.md
@@ -193,7 +247,7 @@ dpengine bench --accounting         # only the accounting micro-benchmark
 dpengine bench --rounds 7 --steps 20 --threads 2 --output-dir benchmarks
 ```
 
-Every (model, mode, batch) configuration runs in a fresh subprocess (`python -m dpengine.bench.worker
+Every (model, mode, batch, precision) configuration runs in a fresh subprocess (`python -m dpengine.bench.worker
 --config JSON`), so its peak memory is its own. Rounds go round-robin over the configurations (the order
 reverses every round), each round doing `warmup` untimed then at least `steps` timed steps (more until `min_time_s`
 of step time) on a fixed batch.
@@ -205,9 +259,20 @@ RSS after importing torch, dpengine and Opacus, before the model is built; ident
 `peak−base` subtracts it (`step_mem_mb`, `step_mem_ratio_vs_nonprivate` in the CSV). On GPU it is
 `torch.cuda.max_memory_allocated`.
 
-Files: `results.csv` (long format, appended by every run: timestamp, commit, device, versions, suite,
-model, params, mode, clipping, batch, metric, median, p20, p80, n, status), `results.json` (the latest
-run, raw per-round numbers included), `results_table.md`, `bench.png`.
+Precision (`--precision`, several allowed; default fp32): `fp32` (on CUDA with TF32 off), `tf32` (TF32
+matrix units on; the same as fp32 on CPU, which the row's note says), `bf16` (`torch.autocast` bf16 of the
+forward and loss, float32 parameters), `fp16` (autocast fp16 with `torch.amp.GradScaler`; not supported by
+the private modes, whose clipping would see scaled gradients: those rows say why). Ratios compare modes
+at the same precision. Launches per step come from one extra, untimed step after the timed ones: ATen
+operators dispatched (a `TorchDispatchMode` counter: forward, backward and optimizer, `ops_per_step`) and,
+on CUDA, kernels seen by `torch.profiler` (`kernels_per_step`); the table shows kernels where counted, else
+operators, with DP / non-private (`ops_ratio_vs_nonprivate`, `kernels_ratio_vs_nonprivate`).
+
+Files: `results.jsonl` (raw: one line per worker run, appended as each finishes, so an interrupted or
+killed run keeps what it measured; `dpengine bench --rebuild-report results.jsonl` reports its last run),
+`results.csv` (long format, appended by every run: timestamp, commit, device, versions, suite, model,
+params, mode, precision, clipping, batch, metric, median, p20, p80, n, status, note), `results.json` (the
+latest run, raw per-round numbers included), `results_table.md`, `bench.png` (needs matplotlib).
 """
 
 
@@ -226,7 +291,9 @@ def results_md(raw: dict[str, Any], suite: Suite, summary: list[dict[str, Any]],
         parts += [suite.description.strip(), ""]
     if suite.targets:
         parts += ["## Targets (DP / non-private, from the same run)\n", markdown(*targets_table(suite, summary))]
-    parts += ["## Step time, throughput, memory\n", markdown(*main_table(summary)), f"![plot]({plot_name})\n"]
+    parts += ["## Step time, throughput, memory\n", markdown(*main_table(summary))]
+    if plot_name:
+        parts.append(f"![plot]({plot_name})\n")
     if raw.get("accounting"):
         parts += ["## Accounting micro-benchmark\n", markdown(*accounting_table(raw["accounting"]))]
     if raw.get("notes"):
@@ -238,7 +305,12 @@ def results_md(raw: dict[str, Any], suite: Suite, summary: list[dict[str, Any]],
 
 
 def load_raw(path: Path) -> dict[str, Any]:
-    """The raw run back from a ``results.json`` written by :func:`write_json`."""
+    """The raw run back from a ``results.json`` written by :func:`write_json`, or the last run of a
+    ``results.jsonl`` written while running (see :func:`dpengine.bench.runner.load_jsonl`)."""
+    if path.suffix == ".jsonl":
+        from dpengine.bench.runner import load_jsonl
+
+        return load_jsonl(path)
     d = json.loads(path.read_text())
 
     def nan(x: Any) -> Any:
@@ -278,15 +350,19 @@ def write_all(raw: dict[str, Any], suite: Suite, out_dir: Path, command: str, ec
     if raw.get("accounting"):
         tables.append(("Accounting micro-benchmark", *accounting_table(raw["accounting"])))
     paths["table"].write_text("\n".join(f"### {t}\n\n{markdown(h, r)}" for t, h, r in tables))
-    if summary:
-        plot(summary, paths["plot"], title=f"dpengine bench {suite.name} — {raw['meta']['device']}, "
-                                            f"{raw['meta']['threads']} threads, commit {raw['meta']['commit']}")
-    else:
+    notes = list(raw.get("notes", []))
+    plotted = bool(summary) and plot(summary, paths["plot"], title=f"dpengine bench {suite.name} — {raw['meta']['device']}, "
+                                                              f"{raw['meta']['threads']} threads, commit {raw['meta']['commit']}")
+    if summary and not plotted:
+        notes.append(PLOT_SKIPPED)
+        print(PLOT_SKIPPED, file=sys.stderr)
+    if not plotted:
         paths.pop("plot")
-    paths["results"].write_text(results_md(raw, suite, summary, command, plot_name=paths.get("plot", Path("")).name))
+    paths["results"].write_text(results_md({**raw, "notes": notes}, suite, summary, command,
+                                           plot_name=paths["plot"].name if plotted else ""))
     if echo:
         print_tables(tables)
-        for n in raw.get("notes", []):
+        for n in notes:
             print(f"note: {n}")
     return paths
 

@@ -1,24 +1,35 @@
 """Run a suite: every configuration in a fresh subprocess, round-robin over configurations for
 several rounds (direction alternating each round) so slow machine drift hits every mode alike.
 Then aggregate into long-format rows (one per configuration x metric) with the ratios that matter.
+
+Nothing measured is lost: with ``jsonl``, every worker's result (and every skipped configuration) is
+appended to that file the moment it is known, and :func:`load_jsonl` turns it back into a run, also
+one that was killed. Ctrl-C / SIGTERM stops the loop and returns what finished.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import math
 import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 from dpengine.bench.suite import Suite
-from dpengine.bench.worker import DPENGINE_MODES, FUSED_NEEDS_CUDA, NOT_IMPLEMENTED, OPACUS_MODES, implemented
+from dpengine.bench.worker import (DPENGINE_MODES, FUSED_NEEDS_CUDA, NOT_IMPLEMENTED, OPACUS_MISSING, OPACUS_MODES,
+                                   implemented, opacus_available, unsupported)
 
 CSV_COLUMNS = ("timestamp", "commit", "device", "torch", "triton", "opacus", "suite", "model", "params", "mode",
-               "clipping", "batch", "threads", "rounds", "metric", "median", "p20", "p80", "n", "status")
+               "precision", "clipping", "batch", "threads", "rounds", "metric", "median", "p20", "p80", "n", "status",
+               "note")
+# per-step launch counts (worker key == metric) and their DP / non-private ratio metric
+COUNT_METRICS = {"ops_per_step": "ops_ratio_vs_nonprivate", "kernels_per_step": "kernels_ratio_vs_nonprivate"}
+INTERRUPTED = "not run: interrupted"
 
 
 def quantiles(xs: list[float]) -> tuple[float, float, float]:
@@ -122,65 +133,163 @@ def run_worker(cfg: dict[str, Any], timeout: float = 1800.0) -> dict[str, Any]:
 
 
 def config_key(cfg: dict[str, Any]) -> tuple:
-    return (cfg["model"], json.dumps(cfg.get("params", {}), sort_keys=True), cfg["batch"], cfg["mode"])
+    return (cfg["model"], json.dumps(cfg.get("params", {}), sort_keys=True), cfg["batch"], cfg["mode"],
+            cfg.get("precision", "fp32"))
 
 
-def run_suite(suite: Suite, progress: bool = True, runner: Callable[[dict[str, Any]], dict[str, Any]] = run_worker,
-              accounting: bool | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run ``suite`` and return ``{"meta", "configs", "accounting", "notes"}`` (raw, see :func:`to_rows`)."""
-    configs = suite.configs()
+def _label(cfg: dict[str, Any]) -> str:
+    return f"{cfg['model']}/{cfg['mode']}/b{cfg['batch']}/{cfg.get('precision', 'fp32')}"
+
+
+def skip_status(cfg: dict[str, Any], device: str) -> str | None:
+    """Why ``cfg`` is not run at all (its row's status), or None."""
+    mode = cfg["mode"]
+    if not implemented(mode):
+        return NOT_IMPLEMENTED.format(mode=mode)
+    if mode == "fused" and not (device == "cuda" and cuda_available()):
+        return FUSED_NEEDS_CUDA
+    if device == "cuda" and not cuda_available():
+        return "skipped: CUDA unavailable"
+    if mode in OPACUS_MODES and not opacus_available():
+        return OPACUS_MISSING
+    return unsupported(mode, cfg.get("precision", "fp32"))
+
+
+def run_notes(entries: list[dict[str, Any]]) -> list[str]:
+    """One note per reason a mode was skipped, and each distinct note the workers attached to a row."""
     notes: list[str] = []
+    devices = sorted({e["config"].get("device", "cpu") for e in entries})
+    if any(e["status"] == FUSED_NEEDS_CUDA for e in entries):
+        notes.append("mode 'fused' skipped: it needs CUDA (Triton kernels); this run is on " + ", ".join(devices))
+    for mode in sorted({e["config"]["mode"] for e in entries if not implemented(e["config"]["mode"])}):
+        notes.append(f"mode '{mode}' skipped: not implemented in this dpengine yet")
+    by_reason: dict[str, set[str]] = {}
+    for e in entries:
+        if e["status"].startswith("not supported") or e["status"] == OPACUS_MISSING:
+            by_reason.setdefault(e["status"], set()).add(f"{e['config']['mode']} at {e['config'].get('precision', 'fp32')}")
+    notes += [f"{', '.join(sorted(what))}: {reason}" for reason, what in by_reason.items()]
+    notes += list(dict.fromkeys(r["note"] for e in entries for r in e["rounds"] if r.get("note")))
+    return notes
+
+
+class JsonlLog:
+    """Appends one JSON line per event to ``path`` (opened, written and closed each time, so a killed run
+    keeps every line it wrote): ``start`` (meta), ``result`` (a config, its round or None when it was never
+    run, the worker's output), ``accounting`` and ``end``. Every line carries the run's id."""
+
+    def __init__(self, path: Path | None, meta: dict[str, Any]) -> None:
+        self.path, self.run = path, f"{meta['timestamp']}-{os.getpid()}"
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        self.write("start", meta=meta)
+
+    def write(self, event: str, **data: Any) -> None:
+        if self.path is None:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"event": event, "run": self.run, **data}, default=str) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def run_suite(suite: Suite, progress: bool = True, runner: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+              accounting: bool | None = None, log: Callable[[str], None] | None = None,
+              jsonl: Path | None = None) -> dict[str, Any]:
+    """Run ``suite`` and return ``{"meta", "configs", "accounting", "notes"}`` (raw, see :func:`to_rows`).
+    With ``jsonl``, each result is appended there as soon as it is known (see :class:`JsonlLog`)."""
+    runner = runner or functools.partial(run_worker, timeout=suite.worker_timeout_s)
+    meta = make_meta(suite)
+    sink = JsonlLog(jsonl, meta)
     results: dict[tuple, dict[str, Any]] = {}
     todo = []
-    for cfg in configs:
-        entry = {"config": cfg, "rounds": [], "status": "ok"}
-        results[config_key(cfg)] = entry
-        if not implemented(cfg["mode"]):
-            entry["status"] = NOT_IMPLEMENTED.format(mode=cfg["mode"])
-        elif cfg["mode"] == "fused" and not (suite.device == "cuda" and cuda_available()):
-            entry["status"] = FUSED_NEEDS_CUDA
-        elif suite.device == "cuda" and not cuda_available():
-            entry["status"] = "skipped: CUDA unavailable"
-        else:
+    for cfg in suite.configs():
+        status = skip_status(cfg, suite.device)
+        results[config_key(cfg)] = {"config": cfg, "rounds": [], "status": status or "ok"}
+        if status is None:
             todo.append(cfg)
-    if any(e["status"] == FUSED_NEEDS_CUDA for e in results.values()):
-        notes.append("mode 'fused' skipped: it needs CUDA (Triton kernels); this run is on " + suite.device)
-    for mode in sorted({c["mode"] for c in configs if not implemented(c["mode"])}):
-        notes.append(f"mode '{mode}' skipped: not implemented in this dpengine yet")
+        else:
+            sink.write("result", config=cfg, round=None, result={"status": status})
 
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(todo) * suite.rounds, desc=f"bench {suite.name}", unit="run", file=sys.stderr)
-    for r in range(suite.rounds):
-        order = todo if r % 2 == 0 else list(reversed(todo))
-        for cfg in order:
-            entry = results[config_key(cfg)]
-            if entry["status"] != "ok":  # an error in an earlier round: do not repeat it
+    interrupted = ""
+    done = 0
+    try:
+        for r in range(suite.rounds):
+            order = todo if r % 2 == 0 else list(reversed(todo))
+            for cfg in order:
+                entry = results[config_key(cfg)]
+                if entry["status"] == "ok":  # not after an error in an earlier round: do not repeat it
+                    if bar:
+                        bar.set_postfix_str(f"r{r + 1} {_label(cfg)}")
+                    out = runner(cfg)
+                    sink.write("result", config=cfg, round=r, result=out)
+                    if out.get("status") != "ok":
+                        entry["status"] = out.get("status", "error: no status")
+                        if log:
+                            log(f"{_label(cfg)}: {entry['status']}")
+                    else:
+                        entry["rounds"].append(out)
+                done += 1
                 if bar:
                     bar.update(1)
-                continue
-            if bar:
-                bar.set_postfix_str(f"r{r + 1} {cfg['model']}/{cfg['mode']}/b{cfg['batch']}")
-            out = runner(cfg)
-            if out.get("status") != "ok":
-                entry["status"] = out.get("status", "error: no status")
-                if log:
-                    log(f"{cfg['model']}/{cfg['mode']}/b{cfg['batch']}: {entry['status']}")
-            else:
-                entry["rounds"].append(out)
-            if bar:
-                bar.update(1)
-    if bar:
-        bar.close()
+    except KeyboardInterrupt:
+        interrupted = f"interrupted after {done} of {len(todo) * suite.rounds} runs: the rest are missing"
+        for entry in results.values():
+            if entry["status"] == "ok" and not entry["rounds"]:
+                entry["status"] = INTERRUPTED
+        if log:
+            log(interrupted)
+    finally:
+        if bar:
+            bar.close()
 
+    notes = ([interrupted] if interrupted else []) + run_notes(list(results.values()))
     acc_rows: list[dict[str, Any]] = []
-    if suite.accounting if accounting is None else accounting:
+    if not interrupted and (suite.accounting if accounting is None else accounting):
         acc_rows, note = run_accounting()
         if note:
             notes.append(note)
-    return {"meta": make_meta(suite), "configs": list(results.values()), "accounting": acc_rows, "notes": notes}
+        sink.write("accounting", rows=acc_rows)
+    sink.write("end", notes=notes)
+    return {"meta": meta, "configs": list(results.values()), "accounting": acc_rows, "notes": notes}
+
+
+def load_jsonl(path: Path) -> dict[str, Any]:
+    """The last run recorded in a JSONL written by :func:`run_suite` (finished or not), as its raw dict."""
+    events = []
+    for line in path.read_text().splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a kill
+            continue
+    starts = [e for e in events if e.get("event") == "start"]
+    if not starts:
+        raise ValueError(f"{path}: no run recorded (no 'start' line)")
+    run = starts[-1]["run"]
+    results: dict[tuple, dict[str, Any]] = {}
+    acc_rows: list[dict[str, Any]] = []
+    end = None
+    for e in (e for e in events if e.get("run") == run):
+        if e["event"] == "result":
+            entry = results.setdefault(config_key(e["config"]), {"config": e["config"], "rounds": [], "status": "ok"})
+            if e["result"].get("status") == "ok":
+                entry["rounds"].append(e["result"])
+            else:
+                entry["status"] = e["result"].get("status", "error: no status")
+        elif e["event"] == "accounting":
+            acc_rows = e["rows"]
+        elif e["event"] == "end":
+            end = e
+    if end is not None:
+        notes = list(end.get("notes", []))
+    else:
+        notes = [f"the run did not finish ({path.name} has no 'end' line): only the runs recorded are reported",
+                 *run_notes(list(results.values()))]
+    return {"meta": starts[-1]["meta"], "configs": list(results.values()), "accounting": acc_rows, "notes": notes}
 
 
 def make_meta(suite: Suite) -> dict[str, Any]:
@@ -223,15 +332,19 @@ def _paired(a: list[float], b: list[float]) -> tuple[float, float, float]:
 def summarize(raw: dict[str, Any]) -> list[dict[str, Any]]:
     """One dict per configuration: config fields, status and ``metrics: {name: (median, p20, p80, n)}``."""
     entries = raw["configs"]
+    def group_key(c: dict[str, Any]) -> tuple:
+        return c["model"], json.dumps(c.get("params", {}), sort_keys=True), c["batch"], c.get("precision", "fp32")
+
     by_group: dict[tuple, dict[str, dict[str, Any]]] = {}
     for e in entries:
-        c = e["config"]
-        by_group.setdefault((c["model"], json.dumps(c.get("params", {}), sort_keys=True), c["batch"]), {})[c["mode"]] = e
+        by_group.setdefault(group_key(e["config"]), {})[e["config"]["mode"]] = e
     out = []
     for e in entries:
         c = e["config"]
         ok = e["status"] == "ok" and e["rounds"]
-        s = {**c, "status": e["status"] if e["rounds"] or e["status"] != "ok" else "error: no rounds", "metrics": {}}
+        s = {**c, "precision": c.get("precision", "fp32"), "metrics": {},
+             "status": e["status"] if e["rounds"] or e["status"] != "ok" else "error: no rounds",
+             "note": "; ".join(dict.fromkeys(r["note"] for r in e["rounds"] if r.get("note")))}
         out.append(s)
         if not ok:
             continue
@@ -243,9 +356,13 @@ def summarize(raw: dict[str, Any]) -> list[dict[str, Any]]:
         for key in ("peak_mem_mb", "prestep_rss_mb", "baseline_rss_mb"):
             m[key] = (*quantiles([r[key] for r in e["rounds"]]), len(e["rounds"]))
         m["step_mem_mb"] = (*quantiles([r["peak_mem_mb"] - r["baseline_rss_mb"] for r in e["rounds"]]), len(e["rounds"]))
+        for key in COUNT_METRICS:
+            counts = [r[key] for r in e["rounds"] if r.get(key) is not None]
+            if counts:
+                m[key] = (*quantiles(counts), len(counts))
         if c["mode"] == "nonprivate":
             continue
-        group = by_group[(c["model"], json.dumps(c.get("params", {}), sort_keys=True), c["batch"])]
+        group = by_group[group_key(c)]
         peaks = [r["peak_mem_mb"] for r in e["rounds"]]
         steps_mem = [r["peak_mem_mb"] - r["baseline_rss_mb"] for r in e["rounds"]]
         np_ = group.get("nonprivate")
@@ -255,6 +372,11 @@ def summarize(raw: dict[str, Any]) -> list[dict[str, Any]]:
             m["mem_ratio_vs_nonprivate"] = (*_paired(peaks, [r["peak_mem_mb"] for r in np_["rounds"]]), n)
             m["step_mem_ratio_vs_nonprivate"] = (
                 *_paired(steps_mem, [r["peak_mem_mb"] - r["baseline_rss_mb"] for r in np_["rounds"]]), n)
+            for key, ratio in COUNT_METRICS.items():
+                pairs = [(a[key], b[key]) for a, b in zip(e["rounds"], np_["rounds"])
+                         if a.get(key) is not None and b.get(key) is not None]
+                if pairs:
+                    m[ratio] = (*_paired([a for a, _ in pairs], [b for _, b in pairs]), len(pairs))
         if c["mode"] in DPENGINE_MODES:
             ops = [group[o] for o in OPACUS_MODES if o in group and group[o]["status"] == "ok" and group[o]["rounds"]]
             if ops:
@@ -277,7 +399,8 @@ def to_rows(raw: dict[str, Any], summary: list[dict[str, Any]] | None = None) ->
     rows = []
     for s in summary:
         common = {**base, "model": s["model"], "params": json.dumps(s.get("params", {}), sort_keys=True),
-                  "mode": s["mode"], "clipping": s["clipping"], "batch": s["batch"]}
+                  "mode": s["mode"], "precision": s.get("precision", "fp32"), "clipping": s["clipping"],
+                  "batch": s["batch"], "note": s.get("note", "")}
         if not s["metrics"]:
             rows.append({**common, "metric": "status", "median": math.nan, "p20": math.nan, "p80": math.nan,
                          "n": 0, "status": s["status"]})
@@ -287,7 +410,7 @@ def to_rows(raw: dict[str, Any], summary: list[dict[str, Any]] | None = None) ->
     for a in raw.get("accounting", []):
         timed = "median_s" in a
         rows.append({**base, "model": a.get("task", ""), "params": "", "mode": a.get("provider", ""),
-                     "clipping": "", "batch": "", "metric": "accounting_time_s" if timed else "status",
+                     "precision": "", "clipping": "", "batch": "", "note": "", "metric": "accounting_time_s" if timed else "status",
                      "median": a.get("median_s", math.nan), "p20": a.get("p20_s", math.nan),
                      "p80": a.get("p80_s", math.nan), "n": a.get("repeats", ""),
                      "status": "ok" if timed else str(a.get("note", a.get("status", "error: no timing")))})

@@ -40,10 +40,10 @@ from pathlib import Path
 from typing import Any
 
 from dpengine.bench.models import MODELS
-from dpengine.bench.worker import MODES
+from dpengine.bench.worker import MODES, PRECISIONS
 
 RATIO_METRICS = ("time_ratio_vs_nonprivate", "mem_ratio_vs_nonprivate", "time_ratio_vs_best_opacus",
-                 "mem_ratio_vs_best_opacus")
+                 "mem_ratio_vs_best_opacus", "ops_ratio_vs_nonprivate", "kernels_ratio_vs_nonprivate")
 
 
 class SuiteError(ValueError):
@@ -54,6 +54,14 @@ def _check_keys(where: str, data: dict[str, Any], allowed: set[str]) -> None:
     unknown = set(data) - allowed
     if unknown:
         raise SuiteError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(allowed))}")
+
+
+def _check_precisions(where: str, precisions: tuple[str, ...]) -> None:
+    if not precisions:
+        raise SuiteError(f"{where}: precisions must not be empty")
+    bad = [p for p in precisions if p not in PRECISIONS]
+    if bad:
+        raise SuiteError(f"{where}: unknown precision(s) {', '.join(map(repr, bad))}; known: {', '.join(PRECISIONS)}")
 
 
 def _check_modes(where: str, modes: tuple[str, ...]) -> None:
@@ -70,6 +78,7 @@ class ModelSpec:
     batch: tuple[int, ...]
     params: tuple[tuple[str, Any], ...] = ()  # sorted (key, value) pairs: hashable
     modes: tuple[str, ...] | None = None
+    precisions: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.name not in MODELS:
@@ -78,6 +87,8 @@ class ModelSpec:
             raise SuiteError(f"model {self.name!r}: batch must be a non-empty list of positive integers, got {self.batch!r}")
         if self.modes is not None:
             _check_modes(f"model {self.name!r}", self.modes)
+        if self.precisions is not None:
+            _check_precisions(f"model {self.name!r}", self.precisions)
 
     @property
     def params_dict(self) -> dict[str, Any]:
@@ -92,11 +103,13 @@ class Target:
     metric: str
     max: float
     note: str = ""
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
             raise SuiteError(f"target: unknown model {self.model!r}; known: {', '.join(sorted(MODELS))}")
         _check_modes("target", (self.mode,))
+        _check_precisions("target", (self.precision,))
         if self.metric not in RATIO_METRICS:
             raise SuiteError(f"target: unknown metric {self.metric!r}; known: {', '.join(RATIO_METRICS)}")
 
@@ -106,6 +119,7 @@ class Suite:
     name: str
     models: tuple[ModelSpec, ...]
     modes: tuple[str, ...] = ("nonprivate", "bk")
+    precisions: tuple[str, ...] = ("fp32",)
     rounds: int = 3
     warmup: int = 2
     steps: int = 5
@@ -115,11 +129,13 @@ class Suite:
     device: str = "cpu"
     clipping: str = "flat"
     accounting: bool = False
+    worker_timeout_s: float = 1800.0  # one configuration's subprocess is killed (an error row) after this
     description: str = ""
     targets: tuple[Target, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
         _check_modes(f"suite {self.name!r}", self.modes)
+        _check_precisions(f"suite {self.name!r}", self.precisions)
         if not self.models:
             raise SuiteError(f"suite {self.name!r}: needs at least one [[model]]")
         for key in ("rounds", "steps", "threads", "max_steps"):
@@ -130,31 +146,45 @@ class Suite:
             raise SuiteError(f"suite {self.name!r}: warmup must be a non-negative integer, got {self.warmup!r}")
         if not isinstance(self.min_time_s, (int, float)) or self.min_time_s < 0:
             raise SuiteError(f"suite {self.name!r}: min_time_s must be a non-negative number, got {self.min_time_s!r}")
+        if not isinstance(self.worker_timeout_s, (int, float)) or self.worker_timeout_s <= 0:
+            raise SuiteError(f"suite {self.name!r}: worker_timeout_s must be a positive number, got {self.worker_timeout_s!r}")
         if self.device not in ("cpu", "cuda"):
             raise SuiteError(f"suite {self.name!r}: device must be 'cpu' or 'cuda', got {self.device!r}")
 
     def configs(self) -> list[dict[str, Any]]:
-        """Every (model, batch, mode) configuration, in a stable order."""
+        """Every (precision, model, batch, mode) configuration, in a stable order: precision outermost, so
+        a run cut short (a time limit) has finished whole precisions first, in the suite's order."""
         out = []
-        for m in self.models:
-            for b in m.batch:
-                for mode in m.modes or self.modes:
-                    out.append({"model": m.name, "params": m.params_dict, "batch": b, "mode": mode,
-                                "clipping": self.clipping, "warmup": self.warmup, "steps": self.steps,
-                                "min_time_s": self.min_time_s, "max_steps": self.max_steps,
-                                "threads": self.threads, "device": self.device, "seed": 0})
+        for precision in dict.fromkeys(p for m in self.models for p in (m.precisions or self.precisions)):
+            for m in self.models:
+                if precision not in (m.precisions or self.precisions):
+                    continue
+                for b in m.batch:
+                    for mode in m.modes or self.modes:
+                        out.append({"model": m.name, "params": m.params_dict, "batch": b, "mode": mode,
+                                    "precision": precision, "clipping": self.clipping, "warmup": self.warmup,
+                                    "steps": self.steps, "min_time_s": self.min_time_s,
+                                    "max_steps": self.max_steps, "threads": self.threads, "device": self.device,
+                                    "seed": 0})
         return out
 
     def with_overrides(self, **kw: Any) -> Suite:
+        """A copy with the given (non-None) fields replaced; ``precisions`` replaces every model's too."""
         import dataclasses
 
-        return dataclasses.replace(self, **{k: v for k, v in kw.items() if v is not None})
+        kw = {k: v for k, v in kw.items() if v is not None}
+        if "precisions" in kw:
+            kw["precisions"] = tuple(kw["precisions"])
+            _check_precisions(f"suite {self.name!r}", kw["precisions"])
+            kw["models"] = tuple(dataclasses.replace(m, precisions=None) for m in self.models)
+        return dataclasses.replace(self, **kw)
 
 
-_SUITE_KEYS = {"name", "description", "rounds", "warmup", "steps", "min_time_s", "max_steps", "threads", "device", "clipping", "accounting",
-               "modes", "model", "target"}
-_MODEL_KEYS = {"name", "batch", "params", "modes"}
-_TARGET_KEYS = {"model", "batch", "mode", "metric", "max", "note"}
+_SCALARS = ("rounds", "warmup", "steps", "min_time_s", "max_steps", "threads", "device", "clipping", "accounting",
+            "worker_timeout_s", "description")
+_SUITE_KEYS = {"name", *_SCALARS, "modes", "precisions", "model", "target"}
+_MODEL_KEYS = {"name", "batch", "params", "modes", "precisions"}
+_TARGET_KEYS = {"model", "batch", "mode", "metric", "max", "note", "precision"}
 
 
 def parse_suite(data: dict[str, Any], default_name: str = "suite") -> Suite:
@@ -168,7 +198,8 @@ def parse_suite(data: dict[str, Any], default_name: str = "suite") -> Suite:
         _check_keys(f"suite {name!r}, model {m['name']!r}", m, _MODEL_KEYS)
         batch = m["batch"] if isinstance(m["batch"], list) else [m["batch"]]
         models.append(ModelSpec(name=m["name"], batch=tuple(batch), params=tuple(sorted(m.get("params", {}).items())),
-                                modes=tuple(m["modes"]) if "modes" in m else None))
+                                modes=tuple(m["modes"]) if "modes" in m else None,
+                                precisions=tuple(m["precisions"]) if "precisions" in m else None))
     targets = []
     for t in data.get("target", []):
         _check_keys(f"suite {name!r}, [[target]]", t, _TARGET_KEYS)
@@ -176,10 +207,10 @@ def parse_suite(data: dict[str, Any], default_name: str = "suite") -> Suite:
             targets.append(Target(**t))
         except TypeError as e:
             raise SuiteError(f"suite {name!r}, [[target]]: {e}") from None
-    kw = {k: data[k] for k in ("rounds", "warmup", "steps", "min_time_s", "max_steps", "threads", "device", "clipping", "accounting",
-                               "description") if k in data}
-    if "modes" in data:
-        kw["modes"] = tuple(data["modes"])
+    kw: dict[str, Any] = {k: data[k] for k in _SCALARS if k in data}
+    for key in ("modes", "precisions"):
+        if key in data:
+            kw[key] = tuple(data[key])
     return Suite(name=name, models=tuple(models), targets=tuple(targets), **kw)
 
 

@@ -2,9 +2,16 @@
 
     python -m dpengine.bench.worker --config '{"model": "mlp", "mode": "bk", "batch": 256, ...}'
 
-Keys: model, params, mode, batch, clipping, warmup, steps (at least), min_time_s (keep timing until
-this much step time is collected, up to max_steps), threads, device, seed, noise_multiplier, max_grad_norm. Output: {"status": "ok", "step_times": [...], "baseline_rss_mb", "prestep_rss_mb",
-"peak_mem_mb", ...} or {"status": "error: ..."}; the process always exits 0 once it could print.
+Keys: model, params, mode, batch, precision (fp32 | tf32 | bf16 | fp16, see :data:`PRECISIONS`), clipping,
+warmup, steps (at least), min_time_s (keep timing until this much step time is collected, up to max_steps),
+threads, device, seed, noise_multiplier, max_grad_norm. Output: {"status": "ok", "step_times": [...],
+"baseline_rss_mb", "prestep_rss_mb", "peak_mem_mb", "ops_per_step", "kernels_per_step" (CUDA), "note", ...}
+or {"status": "error: ..." | "not supported: ..." | "skipped: ..."}; the process always exits 0 once it could print.
+
+Launch counts come from one extra, untimed step after the timed ones (and after the peak memory is read):
+``ops_per_step`` counts the ATen operators dispatched to a backend (a ``TorchDispatchMode`` counter: the
+forward, the backward and the optimizer step, after autocast and autograd), ``kernels_per_step`` the CUDA
+kernels ``torch.profiler`` saw in one more step (memcpy and memset excluded).
 
 Memory on CPU: ``baseline_rss_mb`` is the RSS after imports and before the model is built (what every
 mode shares), ``prestep_rss_mb`` the RSS right before the first step (model + optimizer + wrappers),
@@ -20,13 +27,42 @@ import resource
 import sys
 import time
 import traceback
-from typing import Any
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, Callable
 
 DPENGINE_MODES = ("hooks", "ghost", "bk", "fused")
 OPACUS_MODES = ("opacus-hooks", "opacus-ghost")
 MODES = ("nonprivate", *DPENGINE_MODES, *OPACUS_MODES)
 NOT_IMPLEMENTED = "skipped: {mode} is not implemented in this dpengine yet"
 FUSED_NEEDS_CUDA = "skipped: fused needs CUDA"
+OPACUS_MISSING = "skipped: opacus is not installed"
+# fp32: TF32 matrix units off; tf32: on (CUDA; the same as fp32 on CPU); bf16 / fp16: torch.autocast of the
+# forward and the loss in that dtype, parameters and optimizer in float32; fp16 adds torch.amp.GradScaler.
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+TF32_ON_CPU = "tf32 = fp32 on CPU: no TF32 matrix units"
+_NO_GRAD_SCALER = {
+    "dpengine": "dpengine clips per-sample gradients inside backward and writes p.grad only in optimizer.step, so "
+                "torch.amp.GradScaler could neither unscale them before clipping nor check them for inf/NaN (the "
+                "clipping bound would apply to scaled gradients); use bf16",
+    "opacus": "Opacus clips p.grad_sample in optimizer.step, which GradScaler.unscale_ does not unscale, so the "
+              "clipping bound would apply to scaled per-sample gradients; use bf16",
+}
+
+
+def unsupported(mode: str, precision: str) -> str | None:
+    """Why ``mode`` cannot run at ``precision`` (a row status), or None. Only fp16 is restricted: it needs
+    a GradScaler, and no private mode can clip correctly under one yet."""
+    if precision not in PRECISIONS:
+        return f"not supported: unknown precision {precision!r}"
+    if precision != "fp16" or mode == "nonprivate":
+        return None
+    return "not supported: fp16 + GradScaler: " + _NO_GRAD_SCALER["opacus" if mode in OPACUS_MODES else "dpengine"]
+
+
+def opacus_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("opacus") is not None
 
 
 def implemented(mode: str) -> bool:
@@ -52,6 +88,58 @@ def _maxrss_mb() -> float:
     return r / (1024.0 * 1024.0) if sys.platform == "darwin" else r / 1024.0
 
 
+def _precision(precision: str, device: Any) -> tuple[Callable[[], AbstractContextManager[Any]], Any, str]:
+    """(autocast context factory, GradScaler or None, note) for ``precision`` on ``device``; sets TF32."""
+    import torch
+
+    cuda = device.type == "cuda"
+    if cuda:  # fp32 means full float32 matrix products; tf32 lets cuBLAS / cuDNN use the TF32 units
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    if precision in ("fp32", "tf32"):
+        return nullcontext, None, TF32_ON_CPU if precision == "tf32" and not cuda else ""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    with torch.autocast(device.type, dtype=dtype):  # some builds have no fp16 autocast on CPU: check once
+        probe = torch.ones(2, 2, device=device) @ torch.ones(2, 2, device=device)
+    if probe.dtype != dtype:
+        raise NotImplementedError(f"{precision} autocast on {device.type} does nothing in torch {torch.__version__}")
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    return (lambda: torch.autocast(device.type, dtype=dtype)), scaler, ""
+
+
+def count_ops(step: Callable[[], None]) -> int:
+    """ATen operators dispatched by one ``step`` (forward, backward, optimizer), counted by a dispatch mode."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+            self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Counter() as counter:
+        step()
+    return counter.n
+
+
+def count_cuda_kernels(step: Callable[[], None]) -> int:
+    """CUDA kernels launched by one ``step``, from torch.profiler (memcpy and memset not counted)."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    events = prof.events()
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset"))]
+    if kernels:
+        return len(kernels)
+    # no device activity recorded (CUPTI unavailable): count the host-side launch calls instead
+    return sum(1 for e in events if "LaunchKernel" in e.name)
+
+
 def run(cfg: dict[str, Any]) -> dict[str, Any]:
     threads = int(cfg.get("threads", 2))
     import warnings
@@ -60,20 +148,31 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(threads)
-    mode = cfg["mode"]
-    # Import what any mode may need up front so the baseline RSS is the same for every mode.
+    mode, precision = cfg["mode"], cfg.get("precision", "fp32")
+    device = torch.device(cfg.get("device", "cpu"))
+    cuda = device.type == "cuda"
+    # On CPU, import what any mode may need up front so the baseline RSS is the same for every mode (on
+    # CUDA the baseline is GPU memory: Opacus' slow import is only paid by its own modes).
     import dpengine.engine  # noqa: F401
-    import opacus  # noqa: F401
     from torch.utils.data import DataLoader, TensorDataset
+
+    if mode in OPACUS_MODES and not opacus_available():
+        return {"status": OPACUS_MISSING}
+    if mode in OPACUS_MODES or (not cuda and opacus_available()):
+        import opacus  # noqa: F401
 
     from dpengine.bench import models
 
-    device = torch.device(cfg.get("device", "cpu"))
-    cuda = device.type == "cuda"
     if not implemented(mode):
         return {"status": NOT_IMPLEMENTED.format(mode=mode)}
     if mode == "fused" and not cuda:
         return {"status": FUSED_NEEDS_CUDA}
+    if (why := unsupported(mode, precision)) is not None:
+        return {"status": why}
+    try:
+        autocast, scaler, note = _precision(precision, device)
+    except Exception as e:  # noqa: BLE001 - e.g. no fp16 autocast or GradScaler on this device
+        return {"status": f"not supported: {precision} on {device.type}: {type(e).__name__}: {e}"[:400]}
     torch.manual_seed(int(cfg.get("seed", 0)))
     baseline = torch.cuda.memory_allocated() / 2**20 if cuda else _rss_mb()
 
@@ -119,16 +218,22 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        out = model(x)
-        if criterion is not None:
-            if work.sequence:  # token-level loss; Opacus needs (B, T) to form the per-sequence loss
-                loss = criterion(out.reshape(-1, out.shape[-1]), y.reshape(-1), shape=tuple(out.shape[:2]))
+        with autocast():
+            out = model(x)
+            if criterion is not None:
+                if work.sequence:  # token-level loss; Opacus needs (B, T) to form the per-sequence loss
+                    loss = criterion(out.reshape(-1, out.shape[-1]), y.reshape(-1), shape=tuple(out.shape[:2]))
+                else:
+                    loss = criterion(out, y)
             else:
-                loss = criterion(out, y)
+                loss = work.loss(out, y)
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
         else:
-            loss = work.loss(out, y)
-        loss.backward()
-        optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
 
     if cuda:
         torch.cuda.synchronize()
@@ -149,8 +254,17 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _maxrss_mb()
-    return {"status": "ok", "step_times": times, "baseline_rss_mb": baseline, "prestep_rss_mb": prestep,
-            "peak_mem_mb": peak, "n_params": models.n_params(work.model), "threads": torch.get_num_threads()}
+    out: dict[str, Any] = {"status": "ok", "step_times": times, "baseline_rss_mb": baseline, "prestep_rss_mb": prestep,
+                           "peak_mem_mb": peak, "n_params": models.n_params(work.model),
+                           "threads": torch.get_num_threads(), "precision": precision, "note": note}
+    # launch counts: extra untimed steps, after the timing and the peak memory (a count never fails the row)
+    counters = [("ops_per_step", count_ops)] + ([("kernels_per_step", count_cuda_kernels)] if cuda else [])
+    for key, counter in counters:
+        try:
+            out[key] = counter(step)
+        except Exception as e:  # noqa: BLE001
+            out["note"] = "; ".join(filter(None, [out["note"], f"{key} failed: {type(e).__name__}: {e}"[:200]]))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

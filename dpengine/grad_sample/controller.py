@@ -326,11 +326,35 @@ class GradSampleController:
         #: multiplies every clipped sum (the optimizer sets 1 / expected batch size for mean reduction)
         self.output_scale = 1.0
         self._swapped: set[int] = set()  # layers whose parameters the pre-hook swapped for this call
+        # layers whose clipping groups hold only their own parameters (used by no other layer): with a
+        # separable policy (per-layer) they are reduced as soon as their output gradient arrives
+        self._own_groups = self._separable_layers() if self.policy.separable else {}
+        self._calls: dict[int, int] = {}  # captured calls per layer since the last reduction
+        self.early_reductions = 0  # layer calls reduced as soon as their gradient arrived (diagnostics)
+        self._staged: dict[nn.Parameter, Tensor] = {}
+        self._staged_unclipped: dict[nn.Parameter, Tensor] = {}
+        self._staged_sq: Tensor | None = None
+        self._staged_sizes: list[tuple[str, int]] = []
         self._handles = [module.register_forward_pre_hook(self._root_pre_hook)]
         for tl in self.layers:
             self._handles.append(tl.module.register_forward_pre_hook(self._make_pre_hook(tl)))
             self._handles.append(
                 tl.module.register_forward_hook(self._make_hook(tl), with_kwargs=True, always_call=True))
+
+    def _separable_layers(self) -> dict[int, bool]:
+        users: dict[int, int] = {}
+        for tl in self.layers:
+            for p in tl.params:
+                users[id(p)] = users.get(id(p), 0) + 1
+        members: dict[int, set[int]] = {}
+        for p in self.params:
+            members.setdefault(self.policy.group(p), set()).add(id(p))
+        out = {}
+        for tl in self.layers:
+            own = {id(p) for p in tl.params}
+            out[id(tl)] = all(users[i] == 1 for i in own) and all(
+                members[self.policy.group(p)] <= own for p in tl.params)
+        return out
 
     # ----------------------------------------------------------------------------------- capture
     def note_batch(self, size: int) -> None:
@@ -411,6 +435,7 @@ class GradSampleController:
             rec.extra["versions"] = [(i, x._version) for i, x in enumerate(args) if isinstance(x, Tensor)]
             anchor = not self._anchored
             self._anchored = True
+            self._calls[id(tl)] = self._calls.get(id(tl), 0) + 1
 
             if out.requires_grad and not copy and not anchor:
                 # the common case (the input needs a gradient): a tensor hook sees g without touching the
@@ -428,6 +453,7 @@ class GradSampleController:
         """Present a batch-1 output (position ids of shape (1, T)) as ``_BroadcastOutput``: per-sample
         gradients through the broadcasts against the batch, refusal for any other use."""
         self._anchored = True
+        self._calls[id(tl)] = self._calls.get(id(tl), 2) + 2  # never reduced early
         misuse: list[str] = []
         summed = Record(args, {}, extra={"summed": misuse})
         base = out.detach()  # the twin's values, without the plain output's tap
@@ -448,12 +474,20 @@ class GradSampleController:
         task = torch._C._current_graph_task_id()
         if self._queued_for != task:  # first tap of this backward
             self._pending = []  # drop what an earlier backward that raised left behind
+            self._clear_staged()
             self._pending_full = None
             self._queued_for = task
             torch.autograd.Variable._execution_engine.queue_callback(self._reduce_pending)
         if tapped and self._pending_full is None:  # the anchor is in this graph: ask whether it runs
             self._pending_full = _full_backward(self._anchor_acc)
+        if self._own_groups.get(id(tl)) and self._calls.get(id(tl)) == 1:
+            self._reduce_early(tl, rec)
+            return
         self._pending.append((tl, rec))
+
+    def _clear_staged(self) -> None:
+        self._staged, self._staged_unclipped = {}, {}
+        self._staged_sq, self._staged_sizes = None, []
 
     # ----------------------------------------------------------------------------------- reduce
     def _method(self, tl: TrackedLayer, rec: Record) -> NormMethod:
@@ -468,26 +502,29 @@ class GradSampleController:
     def _reduce_pending(self) -> None:
         pending, full = self._pending, self._pending_full
         self._pending, self._queued_for, self._pending_full = [], None, None
-        if not pending:
+        self._calls = {}
+        if not pending and not self._staged_sizes:
             return
         if full is False:
             # torch.autograd.grad (an input gradient, a penalty term) or backward(inputs=...): not the
             # training backward. Its captures never reach the update; they are simply dropped.
             self.skipped_backwards += 1
+            self._clear_staged()
             return
         with torch.no_grad(), _suspend_capture():
             self._reduce(pending)
 
-    def _check_batch(self, pending: list[tuple[TrackedLayer, Record]]) -> int:
-        """The batch size of this backward, checked against the batch the private loader yielded."""
+    def _check_batch(self, seen: list[tuple[str, int]]) -> int:
+        """The batch size of this backward, checked against the batch the private loader yielded.
+        ``seen``: (layer name, dimension 0 of its captured gradient) for every record of the backward."""
         expected = self.loader_batch
         if expected is not None:
             if self._batch_reduced:
                 self.repeated_batches += 1
             self._batch_reduced = True
-            wrong = [(tl, rec) for tl, rec in pending if rec.g.shape[0] != expected]
+            wrong = [(name, b) for name, b in seen if b != expected]
             if wrong:
-                detail = ", ".join(f"'{tl.name}' saw {rec.g.shape[0]}" for tl, rec in wrong[:6])
+                detail = ", ".join(f"'{name}' saw {b}" for name, b in wrong[:6])
                 raise PerSampleGradientError(
                     f"the private data loader yielded a batch of {expected} records, but dimension 0 of the "
                     f"input of tracked layers differs ({detail}), so per-sample gradients would mix samples. "
@@ -497,9 +534,9 @@ class GradSampleController:
                     "batch-1 float tensor through a layer cannot be trained privately as it is; expand tensors "
                     "shared by all samples to the batch (x.expand(B, ...)) before the layer.")
             return expected
-        sizes = {rec.g.shape[0] for _, rec in pending}
+        sizes = {b for _, b in seen}
         if len(sizes) != 1:
-            detail = ", ".join(f"{tl.name}: {rec.g.shape[0]}" for tl, rec in pending)
+            detail = ", ".join(f"{name}: {b}" for name, b in seen)
             raise PerSampleGradientError(
                 "layers saw different batch sizes in one backward, so per-sample gradients are ill-defined "
                 f"({detail}). Every tracked layer must take inputs with the batch as dimension 0.")
@@ -512,34 +549,72 @@ class GradSampleController:
                 "dpengine.VirtualSteps over it).", stacklevel=2)
         return sizes.pop()
 
+    def _check_record(self, tl: TrackedLayer, rec: Record) -> None:
+        if "summed" in rec.extra:
+            ops = ", ".join(dict.fromkeys(rec.extra["summed"])) or "an op dpengine cannot see"
+            raise PerSampleGradientError(
+                f"layer '{tl.name}' ({type(tl.module).__name__}) was called with a batch-1 input and its output "
+                f"was used other than by broadcasting it against the batch ({ops}), so its gradient is summed "
+                "over the samples and per-sample gradients cannot be formed. Expand its input to the batch "
+                "before the call (ids.expand(B, -1)).")
+        if any(rec.args[i]._version != v for i, v in rec.extra.pop("versions", [])) or \
+                rec.g._version != rec.extra.pop("g_version", rec.g._version):
+            raise PerSampleGradientError(
+                f"the input of layer '{tl.name}' ({type(tl.module).__name__}) was modified in place after the "
+                "layer used it, so its per-sample gradients cannot be formed. Use an out-of-place operation "
+                "(x = x + 1 rather than x += 1) on tensors that a tracked layer has read.")
+        _promote(rec)
+
+    def _reduce_early(self, tl: TrackedLayer, rec: Record) -> None:
+        """Per-layer clipping of a layer whose groups are its own: its factors need only its own norms, so
+        its clipped sums are formed as soon as its output gradient arrives, and its captured input and
+        gradient are freed at once (peak memory: one layer's buffers). The sums are staged until the end
+        of the backward, which checks the batch and commits them (or drops them for autograd.grad)."""
+        self.early_reductions += 1
+        with torch.no_grad(), _suspend_capture():
+            self._check_record(tl, rec)
+            b = rec.g.shape[0]
+            self._staged_sizes.append((tl.name, b))
+            if b > 0:
+                if self._staged_sq is not None and self._staged_sq.shape[1] != b:
+                    self._check_batch(self._staged_sizes)  # raises: layers disagree on the batch
+                sq = self._norms_and_sums([(tl, rec)], b, self._staged, self._staged_unclipped)
+                self._staged_sq = sq if self._staged_sq is None else self._staged_sq + sq
+            for p in tl.params:
+                self._staged.setdefault(p, torch.zeros_like(p, dtype=_sum_dtype(p)))
+            rec.release()
+
     def _reduce(self, pending: list[tuple[TrackedLayer, Record]]) -> None:
-        for tl, rec in pending:
-            if "summed" in rec.extra:
-                ops = ", ".join(dict.fromkeys(rec.extra["summed"])) or "an op dpengine cannot see"
-                raise PerSampleGradientError(
-                    f"layer '{tl.name}' ({type(tl.module).__name__}) was called with a batch-1 input and its output "
-                    f"was used other than by broadcasting it against the batch ({ops}), so its gradient is summed "
-                    "over the samples and per-sample gradients cannot be formed. Expand its input to the batch "
-                    "before the call (ids.expand(B, -1)).")
-        batch = self._check_batch(pending)
+        staged, staged_u, staged_sq = self._staged, self._staged_unclipped, self._staged_sq
+        seen = self._staged_sizes + [(tl.name, rec.g.shape[0]) for tl, rec in pending]
+        self._clear_staged()
+        batch = self._check_batch(seen)
         self._check_no_leak()
         for tl, rec in pending:
-            if any(rec.args[i]._version != v for i, v in rec.extra.pop("versions", [])) or \
-                    rec.g._version != rec.extra.pop("g_version", rec.g._version):
-                raise PerSampleGradientError(
-                    f"the input of layer '{tl.name}' ({type(tl.module).__name__}) was modified in place after the "
-                    "layer used it, so its per-sample gradients cannot be formed. Use an out-of-place operation "
-                    "(x = x + 1 rather than x += 1) on tensors that a tracked layer has read.")
-            _promote(rec)
+            self._check_record(tl, rec)
+        for into, part in ((self._summed, staged), (self._unclipped, staged_u)):
+            for p, t in part.items():
+                _accumulate(into, p, t)
         if batch == 0:  # an empty Poisson batch: nothing to clip, the step still adds noise
-            ref = pending[0][1].g
-            self.last_norms = ref.new_zeros(0)
-            self.last_group_norms = ref.new_zeros(self.policy.num_groups, 0)
+            self.last_norms = torch.zeros(0)
+            self.last_group_norms = torch.zeros(self.policy.num_groups, 0)
             for tl, _ in pending:
                 for p in tl.params:
                     self._summed.setdefault(p, torch.zeros_like(p, dtype=_sum_dtype(p)))
             self.batches_accumulated += 1
             return
+        sq = self._norms_and_sums(pending, batch, self._summed, self._unclipped) if pending else None
+        sq = staged_sq if sq is None else (sq if staged_sq is None else sq + staged_sq)
+        scale = float(batch) if self.loss_reduction is LossReduction.MEAN else 1.0
+        self.last_group_norms = sq.sqrt() * scale
+        self.last_norms = sq.sum(0).sqrt() * scale
+        self.batches_accumulated += 1
+
+    def _norms_and_sums(self, pending: list[tuple[TrackedLayer, Record]], batch: int,
+                        into: dict[nn.Parameter, Tensor], into_unclipped: dict[nn.Parameter, Tensor]) -> Tensor:
+        """Per-group squared norms of these records' per-sample gradients, the policy's factors, and the
+        clipped (and, if the policy needs them, unclipped) sums accumulated into ``into``. Returns (K, B)
+        squared norms (of the summed-loss gradients)."""
         # mean reduction: autograd's g is (1/B) * per-sample g; scale norms and factors, not tensors.
         scale = float(batch) if self.loss_reduction is LossReduction.MEAN else 1.0
         group = self.policy.group
@@ -580,16 +655,14 @@ class GradSampleController:
             raise PerSampleGradientError(
                 "non-finite per-sample gradient norm (NaN or inf) in this batch; the update is refused rather "
                 "than clipped silently. Check the loss and inputs (lower the learning rate, or clamp logits).")
-        self.last_group_norms = norms
-        self.last_norms = norms[0] if norms.shape[0] == 1 else sq.sum(0).sqrt() * scale
         # (K, B): factor per group and sample, times the mean-reduction scale and the output scale (1 / expected
         # batch size for a mean-reduced loss), so no pass over the summed gradients is needed later
         c = self.policy.factors(norms) * (scale * self.output_scale)
-        self._weighted_sums(direct, materialized, c, self._summed)
+        self._weighted_sums(direct, materialized, c, into)
         if self.policy.needs_unclipped:  # one more weighted GEMM from the same captured tensors
             ones = torch.full_like(c, scale * self.output_scale)
-            self._weighted_sums(direct, materialized, ones, self._unclipped)
-        self.batches_accumulated += 1
+            self._weighted_sums(direct, materialized, ones, into_unclipped)
+        return sq
 
     def _weighted_sums(self, direct: dict[tuple[int, int], tuple[TrackedLayer, Record, list[str]]],
                        materialized: dict[nn.Parameter, Tensor], c: Tensor, into: dict[nn.Parameter, Tensor]) -> None:
@@ -663,6 +736,8 @@ class GradSampleController:
     def clear(self) -> None:
         self._summed = {}
         self._unclipped = {}
+        self._clear_staged()
+        self._calls = {}
         self._pending = []
         self.batches_accumulated = self.repeated_batches = 0
         self._written = {}
