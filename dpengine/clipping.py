@@ -30,6 +30,7 @@ class ClippingMode(enum.Enum):
     AUTOMATIC = "automatic"
     ADAPTIVE = "adaptive"
     ERROR_FEEDBACK = "error_feedback"
+    LIPSCHITZ = "lipschitz"
 
 
 class ClippingPolicy:
@@ -61,6 +62,11 @@ class ClippingPolicy:
     def grad_noise_multiplier(self, noise_multiplier: float) -> float:
         """The noise multiplier of the gradient's Gaussian (adaptive spends part of sigma on its count)."""
         return noise_multiplier
+
+    def noise_stds(self, params: list[nn.Parameter], noise_multiplier: float) -> list[float]:
+        """The noise std for each parameter's sum (in the units of one sample's gradient): sigma times the
+        sensitivity for all, unless a policy allocates it per parameter (Lipschitz)."""
+        return [self.grad_noise_multiplier(noise_multiplier) * self.sensitivity] * len(params)
 
     def combine(self, sums: list[tuple[nn.Parameter, Tensor]], unclipped: dict[nn.Parameter, Tensor],
                 mean_scale: float) -> None:
@@ -278,6 +284,32 @@ class ErrorFeedbackClipping(FlatClipping):
             self.error = {p: e.to(p.device) for p, e in zip(params, state["error"]) if e is not None}
 
 
+class LipschitzBounds(ClippingPolicy):
+    """No clipping: each sample's gradient w.r.t. parameter p has norm at most b_p, analytically
+    (``dpengine.lipschitz.per_sample_gradient_bounds``; Bethune et al. 2024). The sum's sensitivity is
+    sqrt(sum_p b_p^2) (inflated by 1e-5 for float rounding of the bound's assumptions).
+
+    Noise is per parameter tensor: std s_p = sigma * sqrt(b_p * S / sqrt(d_p)), S = sum_q b_q sqrt(d_q), which
+    minimises the total noise energy sum_p d_p s_p^2 subject to sum_p b_p^2 / s_p^2 = 1 / sigma^2: the
+    step is then exactly a Gaussian mechanism with noise multiplier sigma (whitened, the sensitivity is
+    1 / sigma), which is what the accountant records.
+    """
+
+    def __init__(self, bounds: Mapping[int, float], sizes: Mapping[int, int]) -> None:
+        super().__init__()
+        self.bounds = {k: float(v) * (1 + 1e-5) for k, v in bounds.items()}
+        self.sizes = dict(sizes)
+
+    @property
+    def sensitivity(self) -> float:
+        return math.sqrt(sum(b * b for b in self.bounds.values()))
+
+    def noise_stds(self, params: list[nn.Parameter], noise_multiplier: float) -> list[float]:
+        total = sum(self.bounds[id(p)] * math.sqrt(self.sizes[id(p)]) for p in params)
+        return [noise_multiplier * math.sqrt(self.bounds[id(p)] * total / math.sqrt(self.sizes[id(p)]))
+                for p in params]
+
+
 def _per_layer_groups(how: str | Sequence[Sequence[nn.Parameter]], params: list[nn.Parameter],
                       layers: list[tuple[str, list[nn.Parameter]]]) -> list[list[nn.Parameter]]:
     tracked = {id(p) for p in params}
@@ -358,6 +390,7 @@ def make_policy(mode: str | ClippingMode, max_grad_norm: Any, *, params: list[nn
         ClippingMode.ADAPTIVE: {"target_unclipped_quantile", "clipbound_learning_rate", "max_clipbound",
                                 "min_clipbound", "unclipped_num_std"},
         ClippingMode.ERROR_FEEDBACK: {"error_max_grad_norm"},
+        ClippingMode.LIPSCHITZ: set(),
     }[mode]
     unknown = set(options) - allowed
     if unknown:
@@ -372,6 +405,9 @@ def make_policy(mode: str | ClippingMode, max_grad_norm: Any, *, params: list[nn
                          "clipping='per_layer').")
     if mode is ClippingMode.FLAT:
         return FlatClipping(max_grad_norm)
+    if mode is ClippingMode.LIPSCHITZ:
+        raise ValueError("clipping='lipschitz' has no per-sample clipping policy; PrivacyEngine.make_private "
+                         "builds its bounds from the model (dpengine.lipschitz).")
     if mode is ClippingMode.AUTOMATIC:
         return AutomaticClipping(max_grad_norm, **options)
     if mode is ClippingMode.ADAPTIVE:
@@ -392,4 +428,4 @@ def make_policy(mode: str | ClippingMode, max_grad_norm: Any, *, params: list[nn
 
 
 __all__ = ["AdaptiveClipping", "AutomaticClipping", "ClippingMode", "ClippingPolicy", "ErrorFeedbackClipping",
-           "FlatClipping", "PerLayerClipping", "amplified", "make_policy"]
+           "FlatClipping", "LipschitzBounds", "PerLayerClipping", "amplified", "make_policy"]

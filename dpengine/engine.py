@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import pickle
 import warnings
 from collections.abc import Mapping, Sequence
@@ -14,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from . import accounting
 from ._validate import non_negative, one_of
-from .clipping import amplified, make_policy
+from .clipping import ClippingMode, ClippingPolicy, LipschitzBounds, amplified, make_policy
 from .data import DPDataLoader
 from .grad_sample.controller import GradSampleController, GradSampleMode, LossReduction, trainable_layers
 from .noise import GaussianNoise
@@ -66,7 +67,7 @@ class PrivacyEngine:
         optimizer: Optimizer,
         data_loader: DataLoader,
         noise_multiplier: float,
-        max_grad_norm: float | Sequence[float] | Mapping[str | int, float] | str,
+        max_grad_norm: float | Sequence[float] | Mapping[str | int, float] | str | None = None,
         clipping: str = "flat",
         grad_sample_mode: str = "bk",
         poisson_sampling: bool = True,
@@ -92,7 +93,9 @@ class PrivacyEngine:
                 "automatic" (normalization C / (||g_i|| + stability_constant)), "adaptive" (quantile-tracking
                 bound; ``target_unclipped_quantile``, ``clipbound_learning_rate``, ``max_clipbound``,
                 ``min_clipbound``, ``unclipped_num_std``) or "error_feedback" (DiceSGD;
-                ``error_max_grad_norm``). See ``dpengine.clipping``.
+                ``error_max_grad_norm``) or "lipschitz" (no clipping: a network of ``dpengine.lipschitz``
+                layers whose per-sample gradients are bounded analytically; ``loss_lipschitz``,
+                ``input_bound``, ``input_shape``; no max_grad_norm). See ``dpengine.clipping``.
             grad_sample_mode: "hooks" (materialized reference), "ghost" (Gram norms) or "bk" (book-keeping).
             poisson_sampling: replace the loader's sampling by Poisson sampling (what the accountant assumes).
             loss_reduction: "mean" or "sum", how the loss reduces over the batch.
@@ -113,9 +116,22 @@ class PrivacyEngine:
         one_of([r.value for r in LossReduction], loss_reduction=loss_reduction)
         if self.controller is not None:
             raise RuntimeError("This PrivacyEngine is already attached to a model; use one engine per model.")
-        problems = validate(module)
-        if problems:
-            raise UnsupportedModuleError(problems)
+        lipschitz = clipping == ClippingMode.LIPSCHITZ.value
+        if lipschitz:
+            from . import lipschitz as lip
+
+            if max_grad_norm is not None:
+                raise ValueError("clipping='lipschitz' clips nothing (each sample's gradient is bounded by the "
+                                 "network's Lipschitz constants); drop max_grad_norm.")
+
+            broken = lip.check_lipschitz_model(module)
+            if broken:
+                raise ValueError("clipping='lipschitz' needs a network of dpengine.lipschitz layers, whose per-sample "
+                                 "gradients have analytic bounds:\n  - " + "\n  - ".join(broken))
+        else:
+            problems = validate(module)
+            if problems:
+                raise UnsupportedModuleError(problems)
         self._check_optimizer(module, optimizer)
         if poisson_sampling:
             gen = None
@@ -133,20 +149,16 @@ class PrivacyEngine:
             expected_batch_size = float(data_loader.batch_size)
             sample_rate = expected_batch_size / len(data_loader.dataset)  # type: ignore[arg-type]
 
-        layers = trainable_layers(module)
-        params = list({id(p): p for _, _, ps in layers for _, p in ps}.values())
-        policy = make_policy(clipping, max_grad_norm, params=params,
-                             layers=[(name, [p for _, p in ps]) for name, _, ps in layers],
-                             names={id(p): n for n, p in module.named_parameters()}, expected_batch_size=expected_batch_size,
-                             **clipping_options)
+        if lipschitz:
+            policy, self.controller = self._lipschitz(module, optimizer, loss_reduction, clipping_options)
+        else:
+            policy = self._policy(module, clipping, max_grad_norm, expected_batch_size, clipping_options)
+            self.controller = GradSampleController(
+                module, mode=GradSampleMode(grad_sample_mode), policy=policy,
+                loss_reduction=LossReduction(loss_reduction))
         policy.grad_noise_multiplier(noise_multiplier)  # refuses a setting that cannot be split (adaptive)
-
         if not policy.amplified:  # see the policy's docstring: each step accounted at sample rate 1
             sample_rate = 1.0
-
-        self.controller = GradSampleController(
-            module, mode=GradSampleMode(grad_sample_mode), policy=policy,
-            loss_reduction=LossReduction(loss_reduction))
         if isinstance(data_loader, DPDataLoader):
             # every batch the loader yields tells the controller its size: the batch every tracked layer
             # must see as dimension 0, reduced by exactly one backward
@@ -159,6 +171,36 @@ class PrivacyEngine:
             self.optimizer.set_budget(*epsilon_budget)
         return module, self.optimizer, data_loader
 
+    @staticmethod
+    def _policy(module: nn.Module, clipping: str, max_grad_norm: Any, expected_batch_size: float,
+                options: dict[str, Any]) -> ClippingPolicy:
+        layers = trainable_layers(module)
+        params = list({id(p): p for _, _, ps in layers for _, p in ps}.values())
+        return make_policy(clipping, max_grad_norm, params=params,
+                           layers=[(name, [p for _, p in ps]) for name, _, ps in layers],
+                           names={id(p): n for n, p in module.named_parameters()},
+                           expected_batch_size=expected_batch_size, **options)
+
+    @staticmethod
+    def _lipschitz(module: nn.Module, optimizer: Optimizer, loss_reduction: str,
+                   options: dict[str, Any]) -> tuple[ClippingPolicy, Any]:
+        """Bounds, gradient source and projection of ``clipping="lipschitz"`` (see ``dpengine.lipschitz``)."""
+        from . import lipschitz as lip
+
+        allowed = {"loss_lipschitz", "input_bound", "input_shape"}
+        if set(options) - allowed or "loss_lipschitz" not in options:
+            raise ValueError(f"clipping='lipschitz' takes loss_lipschitz= (required: the per-sample loss's Lipschitz "
+                             "constant in the logits, e.g. TemperatureCrossEntropy(...).lipschitz), input_bound= "
+                             "(a bound on each sample's input norm; default inf, for a model that starts with "
+                             f"InputNormClip) and input_shape= (for conv biases); got {sorted(options)}.")
+        bounds = lip.per_sample_gradient_bounds(module, options.get("input_bound", math.inf),
+                                                options["loss_lipschitz"], input_shape=options.get("input_shape"))
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        policy = LipschitzBounds({id(p): bounds[n] for n, p in named}, {id(p): p.numel() for _, p in named})
+        lip.attach_projection(optimizer, module)
+        return policy, lip.LipschitzSums(module, [p for _, p in named],
+                                         mean_reduction=loss_reduction == LossReduction.MEAN.value)
+
     def make_private_with_epsilon(
         self,
         *,
@@ -168,7 +210,7 @@ class PrivacyEngine:
         target_epsilon: float,
         target_delta: float,
         epochs: int,
-        max_grad_norm: float,
+        max_grad_norm: float | None = None,
         poisson_sampling: bool = True,
         **kwargs: Any,
     ) -> tuple[nn.Module, DPOptimizer, DataLoader]:

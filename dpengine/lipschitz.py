@@ -653,3 +653,113 @@ def attach_projection(optimizer: torch.optim.Optimizer, model: nn.Module) -> Rem
         project_(model)
 
     return optimizer.register_step_post_hook(hook)
+
+
+# ------------------------------------------------------------------------------------------ engine side
+class LipschitzSums:
+    """The gradient source of ``make_private(clipping="lipschitz")``: no per-sample work at all.
+
+    The ordinary backward computes the batch gradient; at the end of each backward (a callback queued from
+    a hook on the model's output) it is moved out of ``p.grad`` into an engine-owned buffer, rescaled to
+    the *sum* over samples (a mean-reduced loss is multiplied by the batch size the private loader
+    yielded) and then by the optimizer's output scale. Each sample's gradient is bounded analytically
+    (``per_sample_gradient_bounds``), so the sum's sensitivity is known without clipping. The same
+    one-backward-per-batch rule as the per-sample controller applies, and a step is refused while the
+    layers' constraints do not hold (``constraint_violations``).
+    """
+
+    def __init__(self, module: nn.Module, params: list[nn.Parameter], *, mean_reduction: bool) -> None:
+        self.module = module
+        self.params = params
+        self.param_ids = frozenset(id(p) for p in params)
+        self.mean_reduction = mean_reduction
+        self.output_scale = 1.0
+        self.loader_batch: int | None = None
+        self._batch_reduced = False
+        self.repeated_batches = 0
+        self.batches_accumulated = 0
+        self._summed: dict[nn.Parameter, Tensor] = {}
+        self._written: dict[nn.Parameter, tuple[Tensor, int]] = {}
+        self._queued_for: int | None = None
+        self._root_batch: int | None = None
+        self._handles = [module.register_forward_hook(self._on_output)]
+
+    def note_batch(self, size: int) -> None:
+        self.loader_batch, self._batch_reduced = int(size), False
+
+    def _on_output(self, module: nn.Module, args: Any, out: Any) -> None:
+        if isinstance(out, Tensor) and out.requires_grad:
+            self._root_batch = int(out.shape[0]) if out.dim() else None
+            out.register_hook(self._on_grad)
+
+    def _on_grad(self, g: Tensor) -> None:
+        task = torch._C._current_graph_task_id()
+        if self._queued_for != task:
+            self._queued_for = task
+            torch.autograd.Variable._execution_engine.queue_callback(self._collect)
+
+    def _collect(self) -> None:
+        self._queued_for = None
+        grads = []
+        for p in self.params:
+            written, version = self._written.get(p, (None, -1))
+            if p.grad is None or (p.grad is written and p.grad._version == version):
+                continue  # untouched, or the private gradient of the last step
+            if p.grad is written:
+                raise RuntimeError("autograd accumulated into the private gradient of the last step; call "
+                                   "optimizer.zero_grad() before each backward.")
+            grads.append((p, p.grad))
+        if not grads:  # torch.autograd.grad: nothing accumulated, nothing released
+            return
+        batch = self.loader_batch if self.loader_batch is not None else self._root_batch
+        if self.loader_batch is not None:
+            if self._batch_reduced:
+                self.repeated_batches += 1
+            self._batch_reduced = True
+        factor = (float(batch or 0) if self.mean_reduction else 1.0) * self.output_scale
+        with torch.no_grad():
+            for p, grad in grads:
+                t = grad.to(torch.promote_types(p.dtype, torch.float32)) * factor
+                if p in self._summed:
+                    self._summed[p].add_(t)
+                else:
+                    self._summed[p] = t
+                p.grad = None
+        self.batches_accumulated += 1
+
+    def step_problem(self, in_virtual_steps: bool) -> str | None:
+        broken = constraint_violations(self.module)
+        if broken:
+            return ("the Lipschitz constraints do not hold, so the per-sample gradient bounds (and the noise) "
+                    "would be wrong: " + "; ".join(broken) + ". Keep the projection that make_private attached "
+                    "to the optimizer (it runs after every step), and change weights only through it.")
+        if self.repeated_batches:
+            return ("a batch from the private data loader was reduced by more than one backward pass; each "
+                    "sample's gradient bound holds once per step. Add the losses and call backward once.")
+        if self.batches_accumulated > 1 and not in_virtual_steps:
+            return (f"{self.batches_accumulated} backward passes were accumulated since the last step; each "
+                    "sample's gradient bound holds once per step. Use dpengine.VirtualSteps for chunks.")
+        return None
+
+    def pop_clipped_sums(self) -> dict[nn.Parameter, Tensor]:
+        out, self._summed = self._summed, {}
+        self.batches_accumulated = self.repeated_batches = 0
+        return out
+
+    def pop_unclipped_sums(self) -> dict[nn.Parameter, Tensor]:
+        return {}
+
+    def mark_written(self, p: nn.Parameter, grad: Tensor) -> None:
+        """The optimizer's noisy gradient stays in ``p.grad`` for the inner step; remember it (and its
+        version) so that the next backward neither re-collects it nor accumulates into it unnoticed."""
+        self._written[p] = (grad, grad._version)
+
+    def clear(self) -> None:
+        self._summed = {}
+        self.batches_accumulated = self.repeated_batches = 0
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self.clear()

@@ -255,8 +255,12 @@ class DPOptimizer(Optimizer):
         # folds it into the per-sample factors), so the noise is scaled the same way: no extra pass
         # error feedback adds its clipped error state to the release here (and updates it, un-noised)
         self.policy.combine(grads, unclipped, self.expected_batch_size * self.controller.output_scale)
-        sigma = self.policy.grad_noise_multiplier(self.noise_multiplier)
-        self.noise.add_([g for _, g in grads], sigma * self.policy.sensitivity * self.controller.output_scale)
+        stds = self.policy.noise_stds([p for p, _ in grads], self.noise_multiplier)
+        if len(set(stds)) <= 1:
+            self.noise.add_([g for _, g in grads], (stds[0] if stds else 0.0) * self.controller.output_scale)
+        else:  # per-parameter noise (Lipschitz)
+            for (_, g), std in zip(grads, stds):
+                self.noise.add_([g], std * self.controller.output_scale)
         for p, grad in grads:
             # sums of low-precision parameters are kept and noised in float32; rounding the noisy sum
             # to the parameter's dtype is post-processing

@@ -1,0 +1,100 @@
+"""make_private(clipping="lipschitz"): no per-sample work, noise per parameter scaled to analytic bounds."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from dpengine import PrivacyEngine
+from dpengine.lipschitz import (GroupSort, InputNormClip, SpectralLinear, TemperatureCrossEntropy,
+                                per_sample_gradient_bounds)
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(InputNormClip(2.0), SpectralLinear(6, 8, dtype=torch.float64), GroupSort(2),
+                         SpectralLinear(8, 3, dtype=torch.float64))
+
+
+def _data(n=24):
+    return TensorDataset(torch.randn(n, 6, dtype=torch.float64) * 3, torch.randint(0, 3, (n,)))
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_release_is_the_plain_gradient_rescaled_and_the_weights_stay_constrained(reduction):
+    loss = TemperatureCrossEntropy(0.5, reduction=reduction)
+    model, ref = _net(), _net()
+    ds = _data()
+    engine = PrivacyEngine(seed=0)
+    model, opt, dl = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), data_loader=DataLoader(ds, batch_size=24),
+        noise_multiplier=0.0, clipping="lipschitz", loss_lipschitz=loss.lipschitz, loss_reduction=reduction)
+    for x, y in dl:  # q = 1: the whole data set
+        opt.zero_grad()
+        loss(model(x), y).backward()
+        opt.step()
+    TemperatureCrossEntropy(0.5, reduction="sum")(ref(x), y).backward()
+    scale = 1.0 if reduction == "sum" else 1.0 / 24  # the private mean divides by the expected batch size
+    for p, r in zip(model.parameters(), ref.parameters()):
+        assert torch.allclose(p.grad, r.grad * scale, rtol=1e-12, atol=1e-15)
+    assert engine.accountant.history[-1][:2] == (0.0, 1.0)
+
+
+def test_noise_per_parameter_follows_the_bounds_and_the_step_is_one_gaussian_with_sigma():
+    loss = TemperatureCrossEntropy(1.0, reduction="sum")
+    model = _net()
+    bounds = per_sample_gradient_bounds(model, math.inf, loss.lipschitz)
+    engine = PrivacyEngine(seed=0)
+    model, opt, dl = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), data_loader=DataLoader(_data(), batch_size=4),
+        noise_multiplier=1.3, clipping="lipschitz", loss_lipschitz=loss.lipschitz, loss_reduction="sum")
+    params = [p for p in model.parameters()]
+    stds = opt.policy.noise_stds(params, 1.3)
+    b = [bounds[n] * (1 + 1e-5) for n, _ in model.named_parameters()]
+    # whitened sensitivity sqrt(sum b_p^2 / s_p^2) is exactly 1 / sigma: one Gaussian with multiplier sigma
+    assert math.sqrt(sum(bi ** 2 / si ** 2 for bi, si in zip(b, stds))) == pytest.approx(1 / 1.3, rel=1e-12)
+    # and the noise actually drawn has those stds (sigma = 1.3, sum loss): measured on the weights
+    draws = {id(p): [] for p in params}
+    for _ in range(60):
+        for x, y in dl:
+            opt.zero_grad()
+            (0.0 * model(x).sum()).backward()  # zero gradient: p.grad is the noise alone
+            opt.step()
+            for p in params:
+                draws[id(p)].append(p.grad.flatten().clone())
+    for p, s in zip(params, stds):
+        got = torch.cat(draws[id(p)]).std().item()
+        n = torch.cat(draws[id(p)]).numel()
+        assert abs(got / s - 1) < 5 / math.sqrt(2 * n), (got, s, n)  # 5 standard errors
+
+
+def test_a_model_that_is_not_lipschitz_is_refused_and_max_grad_norm_is_refused():
+    plain = nn.Sequential(nn.Linear(6, 3)).double()
+    with pytest.raises(ValueError, match="SpectralLinear"):
+        PrivacyEngine().make_private(module=plain, optimizer=torch.optim.SGD(plain.parameters(), lr=0.1),
+                                     data_loader=DataLoader(_data(), batch_size=4), noise_multiplier=1.0,
+                                     clipping="lipschitz", loss_lipschitz=1.0)
+    model = _net()
+    with pytest.raises(ValueError, match="drop max_grad_norm"):
+        PrivacyEngine().make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                     data_loader=DataLoader(_data(), batch_size=4), noise_multiplier=1.0,
+                                     max_grad_norm=1.0, clipping="lipschitz", loss_lipschitz=1.0)
+
+
+def test_weights_changed_outside_the_projection_refuse_the_step():
+    loss = TemperatureCrossEntropy(1.0, reduction="sum")
+    model = _net()
+    engine = PrivacyEngine(seed=0)
+    model, opt, dl = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=DataLoader(_data(), batch_size=4),
+        noise_multiplier=1.0, clipping="lipschitz", loss_lipschitz=loss.lipschitz, loss_reduction="sum")
+    x, y = next(iter(dl))
+    with torch.no_grad():
+        model[1].weight.mul_(10.0)  # breaks ||W||_2 <= 1
+    loss(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="Lipschitz constraints"):
+        opt.step()
