@@ -12,9 +12,9 @@ from typing import Any
 from ._validate import in_range, one_of, positive
 
 DATASETS = ["digits"]
-MODELS = ["mlp"]
+MODELS = ["mlp", "lipschitz_mlp"]
 OPTIMIZERS = ["sgd", "adam"]
-CLIPPING_MODES = ["flat", "per_layer", "automatic", "adaptive", "error_feedback"]
+CLIPPING_MODES = ["flat", "per_layer", "automatic", "adaptive", "error_feedback", "lipschitz"]
 
 
 @dataclass(frozen=True)
@@ -33,10 +33,15 @@ class ModelConfig:
     kind: str = "mlp"
     hidden: tuple[int, ...] = (128,)
     activation: str = "tanh"
+    #: lipschitz_mlp only: each input is clipped to this norm, and the loss is softmax cross-entropy at
+    #: this temperature (Lipschitz constant sqrt(2) / temperature)
+    input_norm: float = 8.0
+    temperature: float = 0.125
 
     def __post_init__(self) -> None:
         one_of(MODELS, kind=self.kind)
         one_of(["relu", "tanh", "gelu"], activation=self.activation)
+        positive(input_norm=self.input_norm, temperature=self.temperature)
         for h in self.hidden:
             positive(hidden=h)
 
@@ -88,6 +93,11 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+
+    def __post_init__(self) -> None:
+        if (self.model.kind == "lipschitz_mlp") != (self.privacy.clipping == "lipschitz"):
+            raise ValueError("clipping = 'lipschitz' goes with model kind = 'lipschitz_mlp' (a network whose "
+                             "per-sample gradients have analytic bounds), and that model with that clipping only.")
 
 
 def _build(cls: type, raw: dict[str, Any], where: str) -> Any:

@@ -32,6 +32,14 @@ def load_dataset(cfg: TrainConfig) -> tuple[TensorDataset, TensorDataset, int, i
 
 
 def build_model(cfg: TrainConfig, d_in: int, classes: int) -> nn.Module:
+    if cfg.model.kind == "lipschitz_mlp":
+        from .lipschitz import GroupSort, InputNormClip, SpectralLinear
+
+        lip: list[nn.Module] = [InputNormClip(cfg.model.input_norm)]
+        for h in cfg.model.hidden:
+            lip += [SpectralLinear(d_in, h), GroupSort(2)]
+            d_in = h
+        return nn.Sequential(*lip, SpectralLinear(d_in, classes))
     act = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}[cfg.model.activation]
     layers: list[nn.Module] = []
     for h in cfg.model.hidden:
@@ -79,17 +87,27 @@ def run(cfg: TrainConfig, private: bool = True, progress: bool = True) -> RunRes
     loader = DataLoader(train_ds, batch_size=cfg.training.batch_size, shuffle=True)
     engine = None
     p = cfg.privacy
+    if cfg.model.kind == "lipschitz_mlp":
+        from .lipschitz import TemperatureCrossEntropy
+
+        loss_fn: nn.Module = TemperatureCrossEntropy(cfg.model.temperature)
+    else:
+        loss_fn = nn.CrossEntropyLoss()
     if private:
         engine = PrivacyEngine(accountant=p.accountant, secure_mode=p.secure_mode,
                                seed=None if p.secure_mode else cfg.training.seed)
-        common = dict(module=model, optimizer=optimizer, data_loader=loader, max_grad_norm=p.max_grad_norm,
-                      clipping=p.clipping, grad_sample_mode=p.grad_sample_mode, **p.clipping_options)
+        options = dict(p.clipping_options)
+        if p.clipping == "lipschitz":  # no threshold: the loss's Lipschitz constant bounds every gradient
+            options["loss_lipschitz"] = loss_fn.lipschitz
+        else:
+            options["max_grad_norm"] = p.max_grad_norm
+        common = dict(module=model, optimizer=optimizer, data_loader=loader, clipping=p.clipping,
+                      grad_sample_mode=p.grad_sample_mode, **options)
         if p.target_epsilon is not None:
             model, optimizer, loader = engine.make_private_with_epsilon(
                 **common, target_epsilon=p.target_epsilon, target_delta=p.delta, epochs=cfg.training.epochs)
         else:
             model, optimizer, loader = engine.make_private(**common, noise_multiplier=p.noise_multiplier)
-    loss_fn = nn.CrossEntropyLoss()
     start, steps = time.perf_counter(), 0
     bar = tqdm(range(cfg.training.epochs), desc="private" if private else "non-private", disable=not progress,
                unit="epoch")
@@ -129,8 +147,11 @@ def train(config: str | None, compare_nonprivate: bool, clipping: str | None, as
     cfg = load_config(config)
     if clipping is not None and clipping != cfg.privacy.clipping:
         options = default_clipping_options(clipping, cfg.training.batch_size)
-        cfg = dataclasses.replace(cfg, privacy=dataclasses.replace(cfg.privacy, clipping=clipping,
-                                                                   clipping_options=options))
+        kind = "lipschitz_mlp" if clipping == "lipschitz" else ("mlp" if cfg.model.kind == "lipschitz_mlp"
+                                                                 else cfg.model.kind)
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, kind=kind),
+                                  privacy=dataclasses.replace(cfg.privacy, clipping=clipping,
+                                                              clipping_options=options))
     torch.set_num_threads(min(2, torch.get_num_threads()))
     results = [run(cfg, private=True, progress=not no_progress)]
     if compare_nonprivate:

@@ -58,7 +58,7 @@ def test_noise_multiplier_config_path():
     assert res.noise_multiplier == 1.0 and res.epsilon > 0
 
 
-@pytest.mark.parametrize("mode", ["per_layer", "automatic", "adaptive", "error_feedback"])
+@pytest.mark.parametrize("mode", ["per_layer", "automatic", "adaptive", "error_feedback", "lipschitz"])
 def test_every_mode_config_loads_and_trains_privately(mode, tmp_path):
     from pathlib import Path
 
