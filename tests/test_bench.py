@@ -1,4 +1,5 @@
-"""dpengine bench: a tiny suite end to end (real subprocess workers), the reports, suite validation."""
+"""dpengine bench: a tiny suite end to end (real subprocess workers), the precision axis and launch
+counts (workers run in this process), incremental raw results, the reports, suite validation."""
 
 from __future__ import annotations
 
@@ -6,18 +7,22 @@ import csv
 import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
+from typing import Any, Iterator
 
 import pytest
+import torch
+from click.testing import CliRunner
 
-pytest.importorskip("opacus")
-pytest.importorskip("matplotlib")
+from dpengine.bench import worker
+from dpengine.bench.cli import bench
+from dpengine.bench.report import PLOT_SKIPPED, write_all, write_csv
+from dpengine.bench.runner import CSV_COLUMNS, INTERRUPTED, load_jsonl, run_suite, summarize, to_rows
+from dpengine.bench.suite import SuiteError, available_suites, load_suite, parse_suite
 
-from click.testing import CliRunner  # noqa: E402
-
-from dpengine.bench.cli import bench  # noqa: E402
-from dpengine.bench.runner import CSV_COLUMNS, run_suite, summarize, to_rows  # noqa: E402
-from dpengine.bench.suite import SuiteError, available_suites, load_suite, parse_suite  # noqa: E402
+needs_opacus = pytest.mark.skipif(importlib.util.find_spec("opacus") is None, reason="opacus not installed")
+needs_matplotlib = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib not installed")
 
 TINY = """
 name = "tiny"
@@ -46,11 +51,15 @@ metric = "time_ratio_vs_nonprivate"
 max = 1.3
 """
 
-PER_CONFIG = {"step_time_s", "samples_per_s", "peak_mem_mb", "prestep_rss_mb", "baseline_rss_mb", "step_mem_mb"}
-VS_NP = {"time_ratio_vs_nonprivate", "mem_ratio_vs_nonprivate", "step_mem_ratio_vs_nonprivate"}
+PER_CONFIG = {"step_time_s", "samples_per_s", "peak_mem_mb", "prestep_rss_mb", "baseline_rss_mb", "step_mem_mb",
+              "ops_per_step"}
+VS_NP = {"time_ratio_vs_nonprivate", "mem_ratio_vs_nonprivate", "step_mem_ratio_vs_nonprivate",
+         "ops_ratio_vs_nonprivate"}
 VS_OPACUS = {"time_ratio_vs_best_opacus", "mem_ratio_vs_best_opacus"}
 
 
+@needs_opacus
+@needs_matplotlib
 def test_tiny_suite_end_to_end(tmp_path: Path) -> None:
     suite_file = tmp_path / "tiny.toml"
     suite_file.write_text(TINY)
@@ -69,6 +78,7 @@ def test_tiny_suite_end_to_end(tmp_path: Path) -> None:
         assert r["metric"] not in by_cfg[(r["model"], r["mode"])], "one row per configuration x metric"
         by_cfg[(r["model"], r["mode"])][r["metric"]] = r
         assert r["suite"] == "tiny" and r["commit"] and r["device"].startswith("cpu") and r["torch"]
+        assert r["precision"] == "fp32"
     assert set(by_cfg) == {("mlp", "nonprivate"), ("mlp", "bk"), ("mlp", "fused"), ("mlp", "opacus-hooks"),
                            ("gpt", "nonprivate"), ("gpt", "opacus-ghost")}
     assert set(by_cfg[("mlp", "nonprivate")]) == PER_CONFIG
@@ -88,7 +98,8 @@ def test_tiny_suite_end_to_end(tmp_path: Path) -> None:
             assert float(r["p20"]) <= float(r["median"]) * (1 + 1e-9) <= float(r["p80"]) * (1 + 2e-9), r
 
     table = (out / "results_table.md").read_text()
-    assert "| model | batch | mode |" in table and "opacus-hooks" in table and "time_ratio_vs_nonprivate" in table
+    assert "| model | batch | precision | mode |" in table and "opacus-hooks" in table
+    assert "time_ratio_vs_nonprivate" in table and " ops (" in table
     results = (out / "RESULTS.md").read_text()
     assert "dpengine bench" in results and "![plot](bench.png)" in results
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -100,6 +111,145 @@ def test_tiny_suite_end_to_end(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output + repr(res.exception)
     assert (out2 / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "opacus-hooks" in (out2 / "RESULTS.md").read_text() and not (out2 / "results.csv").exists()
+    # ... and from the raw JSONL written while it ran
+    out3 = tmp_path / "out3"
+    res = CliRunner().invoke(bench, ["--rebuild-report", str(out / "results.jsonl"), "--output-dir", str(out3)])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    assert (out3 / "RESULTS.md").read_text().count("| mlp sizes=[8, 6, 3] | 4 | fp32 |") == 4
+
+
+# ------------------------------------------------------------------ precision axis, launch counts
+
+TINY_MLP = {"name": "mlp", "batch": [4], "params": {"sizes": [8, 6, 3]}}
+TINY_GPT = {"name": "gpt", "batch": [2], "params": {"vocab": 32, "seq_len": 8, "d": 16, "layers": 1, "heads": 2}}
+
+
+@pytest.fixture
+def in_process() -> Iterator[Any]:
+    """Run workers in this process (fast; the end-to-end test covers the subprocesses), restoring the
+    torch thread count a worker sets."""
+    threads = torch.get_num_threads()
+    yield lambda cfg: worker.run({**cfg, "threads": threads})
+    torch.set_num_threads(threads)
+
+
+def test_bf16_rows_for_every_dpengine_mode_with_op_counts(tmp_path: Path, in_process: Any) -> None:
+    suite = parse_suite({"name": "bf16", "rounds": 1, "warmup": 1, "steps": 2, "precisions": ["bf16"],
+                         "modes": ["nonprivate", "hooks", "ghost", "bk"], "model": [TINY_MLP, TINY_GPT]})
+    raw = run_suite(suite, progress=False, runner=in_process, accounting=False, jsonl=tmp_path / "r.jsonl")
+    summary = summarize(raw)
+    assert len(summary) == 8
+    for s in summary:
+        assert s["status"] == "ok" and s["precision"] == "bf16", (s["model"], s["mode"], s["status"])
+        assert s["metrics"]["ops_per_step"][0] > 0
+    for model in ("mlp", "gpt"):
+        by_mode = {s["mode"]: s["metrics"] for s in summary if s["model"] == model}
+        for mode in ("hooks", "ghost", "bk"):
+            ops, ops_np = by_mode[mode]["ops_per_step"][0], by_mode["nonprivate"]["ops_per_step"][0]
+            assert ops > ops_np  # clipping adds work
+            assert by_mode[mode]["ops_ratio_vs_nonprivate"][0] == pytest.approx(ops / ops_np)
+    rows = to_rows(raw, summary)
+    assert {r["precision"] for r in rows} == {"bf16"}
+    assert any(r["metric"] == "ops_ratio_vs_nonprivate" and r["mode"] == "bk" for r in rows)
+
+
+def test_fp16_and_tf32_on_cpu_are_handled(in_process: Any) -> None:
+    suite = parse_suite({"name": "p", "rounds": 1, "warmup": 1, "steps": 2, "precisions": ["tf32", "fp16"],
+                         "modes": ["nonprivate", "bk", "opacus-ghost"], "model": [TINY_MLP]})
+    called = []
+
+    def runner(cfg: dict) -> dict:
+        called.append((cfg["mode"], cfg["precision"]))
+        return in_process(cfg)
+
+    raw = run_suite(suite, progress=False, runner=runner, accounting=False)
+    by = {(s["mode"], s["precision"]): s for s in summarize(raw)}
+    assert ("bk", "fp16") not in called and ("opacus-ghost", "fp16") not in called  # never started
+    assert by[("bk", "fp16")]["status"].startswith("not supported: fp16 + GradScaler: dpengine")
+    assert by[("opacus-ghost", "fp16")]["status"].startswith("not supported: fp16 + GradScaler: Opacus")
+    # non-private fp16 (autocast + GradScaler) runs where this torch has CPU fp16 autocast, else says why
+    np16 = by[("nonprivate", "fp16")]["status"]
+    assert np16 == "ok" or np16.startswith("not supported: fp16 on cpu"), np16
+    assert by[("nonprivate", "tf32")]["status"] == "ok"
+    assert by[("nonprivate", "tf32")]["note"] == worker.TF32_ON_CPU
+    assert any("GradScaler" in n for n in raw["notes"]) and worker.TF32_ON_CPU in raw["notes"]
+
+
+def test_count_ops_counts_forward_and_backward() -> None:
+    model = torch.nn.Linear(3, 2)
+    x = torch.randn(4, 3)
+    forward = worker.count_ops(lambda: model(x))
+    both = worker.count_ops(lambda: model(x).sum().backward())
+    assert 0 < forward < both
+
+
+# ---------------------------------------------------------------- nothing measured is lost
+
+def _ok(t: float, ops: int = 100) -> dict:
+    return {"status": "ok", "step_times": [t, t], "baseline_rss_mb": 100.0, "prestep_rss_mb": 110.0,
+            "peak_mem_mb": 150.0, "ops_per_step": ops}
+
+
+TWO = {"name": "two", "rounds": 1, "modes": ["nonprivate", "bk"], "model": [{"name": "mlp", "batch": [4]}]}
+
+
+def test_rows_are_on_disk_as_each_configuration_finishes(tmp_path: Path) -> None:
+    jsonl = tmp_path / "results.jsonl"
+
+    def crash_after_first(cfg: dict) -> dict:
+        if cfg["mode"] != "nonprivate":
+            raise RuntimeError("machine fell over")
+        return _ok(0.01)
+
+    with pytest.raises(RuntimeError, match="fell over"):
+        run_suite(parse_suite(TWO), progress=False, runner=crash_after_first, accounting=False, jsonl=jsonl)
+    lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert [e["event"] for e in lines] == ["start", "result"]
+    assert lines[1]["config"]["mode"] == "nonprivate" and lines[1]["result"]["step_times"] == [0.01, 0.01]
+    raw = load_jsonl(jsonl)  # the report can still be made from what was measured
+    assert [e["config"]["mode"] for e in raw["configs"]] == ["nonprivate"]
+    assert raw["notes"][0].startswith("the run did not finish")
+    assert summarize(raw)[0]["metrics"]["step_time_s"][0] == pytest.approx(0.01)
+
+
+def test_interrupt_keeps_what_finished(tmp_path: Path) -> None:
+    def interrupted_after_first(cfg: dict) -> dict:
+        if cfg["mode"] != "nonprivate":
+            raise KeyboardInterrupt
+        return _ok(0.01)
+
+    raw = run_suite(parse_suite(TWO), progress=False, runner=interrupted_after_first, accounting=False,
+                    jsonl=tmp_path / "r.jsonl")
+    status = {e["config"]["mode"]: e["status"] for e in raw["configs"]}
+    assert status == {"nonprivate": "ok", "bk": INTERRUPTED}
+    assert raw["notes"][0].startswith("interrupted after 1 of 2 runs")
+    assert load_jsonl(tmp_path / "r.jsonl")["notes"] == raw["notes"]  # the run's end was recorded
+
+
+def test_missing_matplotlib_skips_the_plot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    suite = parse_suite(TWO)
+    raw = run_suite(suite, progress=False, runner=lambda cfg: _ok(0.01 if cfg["mode"] == "nonprivate" else 0.02),
+                    accounting=False)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    paths = write_all(raw, suite, tmp_path, "dpengine bench", echo=False)
+    assert "plot" not in paths and not (tmp_path / "bench.png").exists()
+    assert PLOT_SKIPPED in capsys.readouterr().err
+    results = (tmp_path / "RESULTS.md").read_text()
+    assert PLOT_SKIPPED in results and "![plot]" not in results
+    assert (tmp_path / "results.csv").exists() and (tmp_path / "results_table.md").exists()
+
+
+def test_csv_written_by_an_older_bench_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "results.csv"
+    old = [c for c in CSV_COLUMNS if c not in ("precision", "note")]
+    path.write_text(",".join(old) + "\n" + ",".join("old" if c == "model" else "" for c in old) + "\n")
+    write_csv([{"model": "new", "precision": "bf16", "metric": "step_time_s", "median": 0.5}], path)
+    with path.open() as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames or ()) == CSV_COLUMNS
+        rows = list(reader)
+    assert [(r["model"], r["precision"]) for r in rows] == [("old", "fp32"), ("new", "bf16")]
 
 
 def test_failures_become_rows() -> None:
@@ -143,7 +293,7 @@ def test_accounting_rows(tmp_path: Path) -> None:
 
 def test_packaged_suites_load() -> None:
     names = available_suites()
-    assert {"default", "quick", "gpu", "hf"} <= set(names)
+    assert {"default", "quick", "gpu", "hf", "gpu_check"} <= set(names)
     for name in names:
         load_suite(name)
     default = load_suite("default")
@@ -152,6 +302,15 @@ def test_packaged_suites_load() -> None:
     assert default.accounting and {"nonprivate", "bk", "opacus-ghost"} <= set(default.modes)
     assert all(m.name != "gpt2-small" for m in default.models)
     assert any(m.name == "gpt2-small" for m in load_suite("gpu").models)
+    check = load_suite("gpu_check")
+    cfgs = {(c["model"], c["batch"], c["precision"], c["mode"]) for c in check.configs()}
+    assert check.device == "cuda" and check.worker_timeout_s <= 120
+    assert {("gpt2-small", 8, "bf16", m) for m in ("nonprivate", "bk", "ghost")} <= cfgs
+    assert not any(c[0] == "gpt2-small" and c[2] != "bf16" for c in cfgs)
+    for model, batch in (("gpt", 64), ("mlp", 1024), ("cnn", 256)):
+        assert {(model, batch, p, m) for p in ("bf16", "tf32") for m in ("nonprivate", "bk", "ghost")} <= cfgs
+    assert check.configs()[0]["model"] == "gpt2-small"  # the headline rows first, should time run out
+    assert all(c["precision"] == "fp16" for c in check.with_overrides(precisions=["fp16"]).configs())
 
 
 BASE = {"name": "s", "modes": ["nonprivate"], "model": [{"name": "mlp", "batch": [4]}]}
@@ -169,6 +328,9 @@ BASE = {"name": "s", "modes": ["nonprivate"], "model": [{"name": "mlp", "batch":
     ({"rounds": 0}, "rounds must be a positive integer"),
     ({"device": "tpu"}, "device must be"),
     ({"repeats": 3}, "unknown key(s) repeats"),
+    ({"precisions": ["fp8"]}, "unknown precision(s) 'fp8'"),
+    ({"model": [{"name": "mlp", "batch": [4], "precisions": []}]}, "precisions must not be empty"),
+    ({"worker_timeout_s": 0}, "worker_timeout_s must be a positive number"),
     ({"target": [{"model": "mlp", "batch": 4, "mode": "bk", "metric": "speed", "max": 1}]}, "unknown metric"),
 ])
 def test_suite_validation_errors(change: dict, message: str) -> None:

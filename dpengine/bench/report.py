@@ -351,8 +351,9 @@ def write_all(raw: dict[str, Any], suite: Suite, out_dir: Path, command: str, ec
         tables.append(("Accounting micro-benchmark", *accounting_table(raw["accounting"])))
     paths["table"].write_text("\n".join(f"### {t}\n\n{markdown(h, r)}" for t, h, r in tables))
     notes = list(raw.get("notes", []))
-    plotted = bool(summary) and plot(summary, paths["plot"], title=f"dpengine bench {suite.name} — {raw['meta']['device']}, "
-                                                              f"{raw['meta']['threads']} threads, commit {raw['meta']['commit']}")
+    meta = raw["meta"]
+    title = f"dpengine bench {suite.name} — {meta['device']}, {meta['threads']} threads, commit {meta['commit']}"
+    plotted = bool(summary) and plot(summary, paths["plot"], title=title)
     if summary and not plotted:
         notes.append(PLOT_SKIPPED)
         print(PLOT_SKIPPED, file=sys.stderr)

@@ -166,7 +166,8 @@ def run_notes(entries: list[dict[str, Any]]) -> list[str]:
     by_reason: dict[str, set[str]] = {}
     for e in entries:
         if e["status"].startswith("not supported") or e["status"] == OPACUS_MISSING:
-            by_reason.setdefault(e["status"], set()).add(f"{e['config']['mode']} at {e['config'].get('precision', 'fp32')}")
+            c = e["config"]
+            by_reason.setdefault(e["status"], set()).add(f"{c['mode']} at {c.get('precision', 'fp32')}")
     notes += [f"{', '.join(sorted(what))}: {reason}" for reason, what in by_reason.items()]
     notes += list(dict.fromkeys(r["note"] for e in entries for r in e["rounds"] if r.get("note")))
     return notes
@@ -410,7 +411,8 @@ def to_rows(raw: dict[str, Any], summary: list[dict[str, Any]] | None = None) ->
     for a in raw.get("accounting", []):
         timed = "median_s" in a
         rows.append({**base, "model": a.get("task", ""), "params": "", "mode": a.get("provider", ""),
-                     "precision": "", "clipping": "", "batch": "", "note": "", "metric": "accounting_time_s" if timed else "status",
+                     "precision": "", "clipping": "", "batch": "", "note": "",
+                     "metric": "accounting_time_s" if timed else "status",
                      "median": a.get("median_s", math.nan), "p20": a.get("p20_s", math.nan),
                      "p80": a.get("p80_s", math.nan), "n": a.get("repeats", ""),
                      "status": "ok" if timed else str(a.get("note", a.get("status", "error: no timing")))})

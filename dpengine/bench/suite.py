@@ -147,7 +147,8 @@ class Suite:
         if not isinstance(self.min_time_s, (int, float)) or self.min_time_s < 0:
             raise SuiteError(f"suite {self.name!r}: min_time_s must be a non-negative number, got {self.min_time_s!r}")
         if not isinstance(self.worker_timeout_s, (int, float)) or self.worker_timeout_s <= 0:
-            raise SuiteError(f"suite {self.name!r}: worker_timeout_s must be a positive number, got {self.worker_timeout_s!r}")
+            raise SuiteError(f"suite {self.name!r}: worker_timeout_s must be a positive number, "
+                             f"got {self.worker_timeout_s!r}")
         if self.device not in ("cpu", "cuda"):
             raise SuiteError(f"suite {self.name!r}: device must be 'cpu' or 'cuda', got {self.device!r}")
 

@@ -176,7 +176,8 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(int(cfg.get("seed", 0)))
     baseline = torch.cuda.memory_allocated() / 2**20 if cuda else _rss_mb()
 
-    work = models.build(cfg["model"], cfg.get("params"))
+    with device:  # parameters made where they train (GPT-2 small initializes in a blink on the GPU)
+        work = models.build(cfg["model"], cfg.get("params"))
     model = work.model.to(device)
     batch = int(cfg["batch"])
     g = torch.Generator().manual_seed(int(cfg.get("seed", 0)))
