@@ -350,3 +350,18 @@ def test_unknown_suite_name_and_cli_error(tmp_path: Path) -> None:
         p = tmp_path / "broken.toml"
         p.write_text("name = \n")
         load_suite(str(p))
+
+
+def test_clipping_variants_expand_every_dpengine_backend_and_are_validated():
+    from dpengine.bench.suite import SuiteError, load_suite
+    from dpengine.bench.worker import known_mode, split_mode
+
+    suite = load_suite("quick").with_clippings(("per_layer", "adaptive"))
+    modes = {c["mode"] for c in suite.configs()}
+    for backend in {"hooks", "ghost", "bk"} & {split_mode(m)[0] for m in modes}:
+        assert {f"{backend}+per_layer", f"{backend}+adaptive"} <= modes
+    assert not any(m.startswith(("nonprivate+", "opacus-", "fused+")) and "+" in m for m in modes)
+    assert split_mode("bk+per_layer") == ("bk", "per_layer") and split_mode("bk") == ("bk", None)
+    assert known_mode("ghost+automatic") and not known_mode("opacus-ghost+automatic") and not known_mode("bk+nope")
+    with pytest.raises(SuiteError, match="BACKEND\\+CLIPPING"):
+        suite.with_overrides(modes=("bk+nope",))

@@ -12,7 +12,7 @@ from types import FrameType
 
 import click
 
-from dpengine.bench.worker import PRECISIONS
+from dpengine.bench.worker import CLIPPING_VARIANTS, PRECISIONS
 
 HELP = """Benchmark private training steps: models x modes x batch sizes, every configuration in a fresh
 subprocess, round-robin over several rounds; reports median/p20/p80 step time, samples/s, peak memory
@@ -64,6 +64,9 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Override the suite's device.")
 @click.option("--precision", "precisions", type=click.Choice(PRECISIONS), multiple=True,
               help="Precision(s) to run (repeatable); default: the suite's (fp32 unless it says otherwise).")
+@click.option("--clipping", "clippings", type=click.Choice(CLIPPING_VARIANTS), multiple=True,
+              help="Also run every dpengine backend with this clipping mode (repeatable); rows are labelled "
+                   "BACKEND+MODE, e.g. bk+per_layer, next to the flat rows.")
 @click.option("--accounting/--no-accounting", default=None,
               help="Include (or not) the accounting micro-benchmark; default: as the suite says.")
 @click.option("--accounting-only", is_flag=True, help="Run only the accounting micro-benchmark.")
@@ -74,7 +77,7 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 def bench(suite_name: str, quick: bool, output_dir: Path, rounds: int | None, steps: int | None,
           min_time_s: float | None, warmup: int | None, threads: int | None, device: str | None,
-          precisions: tuple[str, ...], accounting: bool | None, accounting_only: bool, rebuild_report: Path | None,
+          precisions: tuple[str, ...], clippings: tuple[str, ...], accounting: bool | None, accounting_only: bool, rebuild_report: Path | None,
           list_suites: bool, progress: bool) -> None:
     from dpengine.bench.report import write_all
     from dpengine.bench.runner import run_suite
@@ -89,7 +92,7 @@ def bench(suite_name: str, quick: bool, output_dir: Path, rounds: int | None, st
     try:
         suite = load_suite("quick" if quick else suite_name)
         suite = suite.with_overrides(rounds=rounds, steps=steps, min_time_s=min_time_s, warmup=warmup, threads=threads,
-                                     device=device, precisions=precisions or None)
+                                     device=device, precisions=precisions or None).with_clippings(clippings)
     except SuiteError as e:
         raise click.UsageError(str(e)) from None
     command = "dpengine bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 1 else "dpengine bench"

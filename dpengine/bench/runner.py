@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from dpengine.bench.suite import Suite
 from dpengine.bench.worker import (DPENGINE_MODES, FUSED_NEEDS_CUDA, NOT_IMPLEMENTED, OPACUS_MISSING, OPACUS_MODES,
-                                   implemented, opacus_available, unsupported)
+                                   implemented, opacus_available, split_mode, unsupported)
 
 CSV_COLUMNS = ("timestamp", "commit", "device", "torch", "triton", "opacus", "suite", "model", "params", "mode",
                "precision", "clipping", "batch", "threads", "rounds", "metric", "median", "p20", "p80", "n", "status",
@@ -144,9 +144,10 @@ def _label(cfg: dict[str, Any]) -> str:
 def skip_status(cfg: dict[str, Any], device: str) -> str | None:
     """Why ``cfg`` is not run at all (its row's status), or None."""
     mode = cfg["mode"]
+    base = split_mode(mode)[0]
     if not implemented(mode):
         return NOT_IMPLEMENTED.format(mode=mode)
-    if mode == "fused" and not (device == "cuda" and cuda_available()):
+    if base == "fused" and not (device == "cuda" and cuda_available()):
         return FUSED_NEEDS_CUDA
     if device == "cuda" and not cuda_available():
         return "skipped: CUDA unavailable"
@@ -378,7 +379,7 @@ def summarize(raw: dict[str, Any]) -> list[dict[str, Any]]:
                          if a.get(key) is not None and b.get(key) is not None]
                 if pairs:
                     m[ratio] = (*_paired([a for a, _ in pairs], [b for _, b in pairs]), len(pairs))
-        if c["mode"] in DPENGINE_MODES:
+        if split_mode(c["mode"])[0] in DPENGINE_MODES:
             ops = [group[o] for o in OPACUS_MODES if o in group and group[o]["status"] == "ok" and group[o]["rounds"]]
             if ops:
                 best_t = min(ops, key=lambda o: quantiles([t for r in o["rounds"] for t in r["step_times"]])[0])

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from dpengine.bench.models import MODELS
-from dpengine.bench.worker import MODES, PRECISIONS
+from dpengine.bench.worker import CLIPPING_VARIANTS, DPENGINE_MODES, MODES, PRECISIONS, known_mode
 
 RATIO_METRICS = ("time_ratio_vs_nonprivate", "mem_ratio_vs_nonprivate", "time_ratio_vs_best_opacus",
                  "mem_ratio_vs_best_opacus", "ops_ratio_vs_nonprivate", "kernels_ratio_vs_nonprivate")
@@ -67,9 +67,10 @@ def _check_precisions(where: str, precisions: tuple[str, ...]) -> None:
 def _check_modes(where: str, modes: tuple[str, ...]) -> None:
     if not modes:
         raise SuiteError(f"{where}: modes must not be empty")
-    bad = [m for m in modes if m not in MODES]
+    bad = [m for m in modes if not known_mode(m)]
     if bad:
-        raise SuiteError(f"{where}: unknown mode(s) {', '.join(map(repr, bad))}; known: {', '.join(MODES)}")
+        raise SuiteError(f"{where}: unknown mode(s) {', '.join(map(repr, bad))}; known: {', '.join(MODES)}, and "
+                         f"BACKEND+CLIPPING for a dpengine backend with one of {', '.join(CLIPPING_VARIANTS)}")
 
 
 @dataclass(frozen=True)
@@ -168,6 +169,24 @@ class Suite:
                                     "max_steps": self.max_steps, "threads": self.threads, "device": self.device,
                                     "seed": 0})
         return out
+
+    def with_clippings(self, clippings: tuple[str, ...]) -> Suite:
+        """A copy in which every dpengine backend also runs with each of ``clippings`` ("bk+per_layer"...)."""
+        import dataclasses
+
+        if not clippings:
+            return self
+
+        def expand(modes: tuple[str, ...]) -> tuple[str, ...]:
+            out: list[str] = []
+            for m in modes:
+                out.append(m)
+                if m in DPENGINE_MODES and m != "fused":  # fused has no backend yet
+                    out += [f"{m}+{c}" for c in clippings if c != "flat"]
+            return tuple(out)
+
+        models = tuple(dataclasses.replace(m, modes=expand(m.modes)) if m.modes else m for m in self.models)
+        return dataclasses.replace(self, modes=expand(self.modes), models=models)
 
     def with_overrides(self, **kw: Any) -> Suite:
         """A copy with the given (non-None) fields replaced; ``precisions`` replaces every model's too."""

@@ -33,6 +33,20 @@ from typing import Any, Callable
 DPENGINE_MODES = ("hooks", "ghost", "bk", "fused")
 OPACUS_MODES = ("opacus-hooks", "opacus-ghost")
 MODES = ("nonprivate", *DPENGINE_MODES, *OPACUS_MODES)
+#: clipping modes a dpengine backend can be benchmarked with, as "BACKEND+CLIPPING" (e.g. "bk+per_layer");
+#: a plain backend name means flat clipping (or the suite's ``clipping``)
+CLIPPING_VARIANTS = ("per_layer", "automatic", "adaptive", "error_feedback")
+
+
+def split_mode(mode: str) -> tuple[str, str | None]:
+    """"bk+per_layer" -> ("bk", "per_layer"); "bk" -> ("bk", None)."""
+    base, _, clipping = mode.partition("+")
+    return base, clipping or None
+
+
+def known_mode(mode: str) -> bool:
+    base, clipping = split_mode(mode)
+    return base in MODES and (clipping is None or (base in DPENGINE_MODES and clipping in CLIPPING_VARIANTS))
 NOT_IMPLEMENTED = "skipped: {mode} is not implemented in this dpengine yet"
 FUSED_NEEDS_CUDA = "skipped: fused needs CUDA"
 OPACUS_MISSING = "skipped: opacus is not installed"
@@ -50,6 +64,7 @@ _NO_GRAD_SCALER = {
 
 
 def unsupported(mode: str, precision: str) -> str | None:
+    mode = split_mode(mode)[0]
     """Why ``mode`` cannot run at ``precision`` (a row status), or None. Only fp16 is restricted: it needs
     a GradScaler, and no private mode can clip correctly under one yet."""
     if precision not in PRECISIONS:
@@ -69,6 +84,7 @@ def implemented(mode: str) -> bool:
     """Modes of other providers are always runnable; a dpengine backend only once it exists."""
     from dpengine.grad_sample.controller import GradSampleMode
 
+    mode = split_mode(mode)[0]
     return mode not in DPENGINE_MODES or mode in {m.value for m in GradSampleMode}
 
 
@@ -187,14 +203,17 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     loader = DataLoader(TensorDataset(x.cpu(), y.cpu()), batch_size=batch)
     sigma, clip = float(cfg.get("noise_multiplier", 1.0)), float(cfg.get("max_grad_norm", 1.0))
     criterion = None
-    if mode in DPENGINE_MODES:
+    backend, clipping = split_mode(mode)
+    if backend in DPENGINE_MODES:
         from dpengine import PrivacyEngine
+        from dpengine.train import default_clipping_options
 
+        clipping = clipping or cfg.get("clipping", "flat")
         engine = PrivacyEngine(seed=int(cfg.get("seed", 0)))
         model, optimizer, _ = engine.make_private(
             module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma, max_grad_norm=clip,
-            clipping=cfg.get("clipping", "flat"), grad_sample_mode=mode, poisson_sampling=True,
-            loss_reduction="mean")
+            clipping=clipping, grad_sample_mode=backend, poisson_sampling=True, loss_reduction="mean",
+            **default_clipping_options(clipping, batch))
     elif mode == "opacus-hooks":
         from opacus import PrivacyEngine as OpacusEngine
 
