@@ -267,7 +267,17 @@ class DPOptimizer(Optimizer):
             p.grad = grad if grad.dtype == p.dtype else grad.to(p.dtype)
             self.controller.mark_written(p, p.grad)
 
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+    #: torch.amp.GradScaler.step hands itself to optimizers that say this (see ``step``)
+    _step_supports_amp_scaling = True
+
+    def step(self, closure: Callable[[], Any] | None = None, grad_scaler: Any = None) -> Any:
+        if grad_scaler is not None:
+            self.controller.clear()
+            raise NotImplementedError(
+                "fp16 with torch.amp.GradScaler is not supported yet: the loss scale multiplies every per-sample "
+                "gradient, so the clipping threshold would apply to scaled gradients, and an overflow would be "
+                "data-dependent. Use bf16 autocast (torch.autocast(device, dtype=torch.bfloat16)), which needs no "
+                "scaler: dpengine forms norms and clipped sums in float32.")
         if self.detached:
             raise RuntimeError(
                 "This private optimizer was detached (PrivacyEngine.detach() removed the per-sample capture), so "

@@ -104,3 +104,22 @@ def test_bf16_clipped_sum_matches_float64_oracle_and_bound_holds(build, mode, pr
                       autocast=precision == "autocast")
         released = torch.cat([t.double().flatten() for t in one.values()]).norm()
         assert float(released) <= c_max * (1 + 1e-5), (j, float(released) / c_max)
+
+
+def test_fp16_grad_scaler_is_refused_with_a_clear_error():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from dpengine import PrivacyEngine
+
+    model = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3))
+    ds = TensorDataset(torch.randn(16, 6), torch.randint(0, 3, (16,)))
+    model, opt, dl = PrivacyEngine(seed=0).make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=DataLoader(ds, batch_size=8),
+        noise_multiplier=1.0, max_grad_norm=1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = next(iter(dl))
+    scaler.scale(F.cross_entropy(model(x), y)).backward()
+    with pytest.raises(NotImplementedError, match="bf16 autocast"):
+        scaler.step(opt)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
