@@ -25,6 +25,11 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
+def __dir__() -> list[str]:
+    """Public names for help() and tab completion, without importing torch."""
+    return sorted(set(globals()) | set(__all__))
+
+
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)

@@ -329,6 +329,14 @@ class VirtualSteps:
     def __len__(self) -> int:
         return len(self.data_loader)
 
+    def __enter__(self) -> "VirtualSteps":
+        """``with VirtualSteps(loader, n, optimizer) as chunks: for x, y in chunks: ...`` (Opacus'
+        ``BatchMemoryManager`` form); leaving the block ends the virtual steps."""
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.optimizer.end_virtual_steps()
+
     def __iter__(self) -> Iterator[Any]:
         dl = self.data_loader
         ends: collections.deque = collections.deque()

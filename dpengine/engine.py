@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import pickle
 import warnings
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -21,6 +22,10 @@ from .grad_sample.controller import GradSampleController, GradSampleMode, LossRe
 from .noise import GaussianNoise
 from .optimizer import DPOptimizer
 from .validation import UnsupportedModuleError, validate
+
+
+#: models with a private engine attached (weakly held: the registry never keeps a model alive)
+_PRIVATE_MODULES: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
 class PrivacyEngine:
@@ -116,6 +121,10 @@ class PrivacyEngine:
         one_of([r.value for r in LossReduction], loss_reduction=loss_reduction)
         if self.controller is not None:
             raise RuntimeError("This PrivacyEngine is already attached to a model; use one engine per model.")
+        if module in _PRIVATE_MODULES:
+            raise RuntimeError("This model is already private (an earlier make_private attached its capture to it); "
+                               "a second engine would stack another set of hooks. Use the first engine's "
+                               "optimizer and loader, or call that engine's detach() first.")
         lipschitz = clipping == ClippingMode.LIPSCHITZ.value
         if lipschitz:
             from . import lipschitz as lip
@@ -159,6 +168,8 @@ class PrivacyEngine:
         policy.grad_noise_multiplier(noise_multiplier)  # refuses a setting that cannot be split (adaptive)
         if not policy.amplified:  # see the policy's docstring: each step accounted at sample rate 1
             sample_rate = 1.0
+        _PRIVATE_MODULES.add(module)
+        self._module = module
         if isinstance(data_loader, DPDataLoader):
             # every batch the loader yields tells the controller its size: the batch every tracked layer
             # must see as dimension 0, reduced by exactly one backward
@@ -209,7 +220,7 @@ class PrivacyEngine:
         data_loader: DataLoader,
         target_epsilon: float,
         target_delta: float,
-        epochs: int,
+        epochs: float,
         max_grad_norm: float | None = None,
         poisson_sampling: bool = True,
         **kwargs: Any,
@@ -218,7 +229,9 @@ class PrivacyEngine:
         ``epochs`` epochs (``epochs * len(data_loader)`` steps). Calibration is conservative, and the
         target becomes the budget, enforced by the same accountant that calibrated: a step that would exceed
         it raises ``PrivacyBudgetExhaustedError``, and the planned steps always fit."""
-        steps = int(epochs) * len(data_loader)
+        if not (isinstance(epochs, (int, float)) and not isinstance(epochs, bool) and epochs > 0):
+            raise ValueError(f"Expected epochs={epochs!r} > 0 (fractional epochs are planned as given).")
+        steps = math.ceil(epochs * len(data_loader))  # 2.5 epochs plan 2.5 epochs of steps, rounded up
         if poisson_sampling:
             sample_rate = 1.0 / len(data_loader)
         else:
@@ -319,5 +332,6 @@ class PrivacyEngine:
         if self.controller is not None:
             self.controller.detach()
             self.controller = None
+            _PRIVATE_MODULES.discard(self._module)
         if self.optimizer is not None:
             self.optimizer.detached = True

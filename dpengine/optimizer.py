@@ -97,6 +97,8 @@ class DPOptimizer(Optimizer):
         self.steps_taken = 0
         #: set by ``PrivacyEngine.detach``: the capture hooks are gone, and every later step is refused
         self.detached = False
+        self._inner_step = False
+        self._guard = optimizer.register_step_pre_hook(self._guard_original)
         self.budget: tuple[float, float] | None = None  # (epsilon, delta) never to be exceeded
         self._planned: tuple[float, float] | None = None  # the (sigma, q) that _max_steps was computed for
         self._max_steps: int | None = None
@@ -306,8 +308,21 @@ class DPOptimizer(Optimizer):
         self.policy.after_step(self.noise, self.expected_batch_size)
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
         self.steps_taken += 1
-        self.original_optimizer.step()
+        self._inner_step = True
+        try:
+            self.original_optimizer.step()
+        finally:
+            self._inner_step = False
         return loss
+
+    def _guard_original(self, opt: Optimizer, args: Any, kwargs: Any) -> None:
+        """A step pre-hook on the user's own optimizer: stepping it directly would apply no private
+        gradient at all (capture leaves ``p.grad`` empty), silently training nothing."""
+        if not self._inner_step and not self.detached:
+            raise RuntimeError(
+                "This optimizer was made private: step the optimizer returned by make_private (or "
+                "make_private_with_epsilon) instead; this one sees no gradients, so its step would train nothing "
+                "and spend no privacy. model, optimizer, loader = engine.make_private(...) keeps the returned ones.")
 
     def state_dict(self) -> dict[str, Any]:
         """The wrapped optimizer's state, plus the clipping policy's (error feedback's e, adaptive's bound)."""

@@ -1,0 +1,97 @@
+"""Coming from Opacus without surprises: the original optimizer, a second engine, fractional epochs,
+help/dir, and the context-manager form of VirtualSteps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import dpengine
+from dpengine import PrivacyEngine, VirtualSteps
+
+
+def _setup(**kw):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    dl = DataLoader(TensorDataset(torch.randn(40, 6), torch.randint(0, 3, (40,))), batch_size=8)
+    return model, opt, dl
+
+
+def test_stepping_the_original_optimizer_is_refused():
+    model, opt, dl = _setup()
+    engine = PrivacyEngine(seed=0)
+    engine.make_private_with_epsilon(module=model, optimizer=opt, data_loader=dl, target_epsilon=3.0,
+                                     target_delta=1e-5, epochs=1, max_grad_norm=1.0)  # result not kept
+    x, y = next(iter(dl))
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="returned by make_private"):
+        opt.step()
+
+
+def test_the_original_optimizer_works_again_after_detach():
+    model, opt, dl = _setup()
+    engine = PrivacyEngine(seed=0)
+    _, private, _ = engine.make_private(module=model, optimizer=opt, data_loader=dl, noise_multiplier=1.0,
+                                        max_grad_norm=1.0)
+    engine.detach()
+    x, y = next(iter(dl))
+    before = [p.detach().clone() for p in model.parameters()]
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_a_second_engine_on_a_private_model_is_refused_until_detach():
+    model, opt, dl = _setup()
+    first = PrivacyEngine(seed=0)
+    first.make_private(module=model, optimizer=opt, data_loader=dl, noise_multiplier=1.0, max_grad_norm=1.0)
+    with pytest.raises(RuntimeError, match="already private"):
+        PrivacyEngine().make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                     data_loader=dl, noise_multiplier=1.0, max_grad_norm=1.0)
+    first.detach()
+    PrivacyEngine().make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                 data_loader=dl, noise_multiplier=1.0, max_grad_norm=1.0)
+
+
+def test_fractional_epochs_are_planned_as_given_and_zero_is_refused():
+    model, opt, dl = _setup()
+    engine = PrivacyEngine(seed=0)
+    _, private, loader = engine.make_private_with_epsilon(
+        module=model, optimizer=opt, data_loader=dl, target_epsilon=3.0, target_delta=1e-5, epochs=2.5,
+        max_grad_norm=1.0)
+    steps = 0
+    for _ in range(3):  # 2.5 epochs of 5 steps: 13 planned steps (rounded up) all run
+        for x, y in loader:
+            private.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            private.step()
+            steps += 1
+            if steps == 13:
+                break
+    assert steps == 13 and engine.get_epsilon(1e-5) <= 3.0
+    model, opt, dl = _setup()
+    with pytest.raises(ValueError, match="epochs"):
+        PrivacyEngine().make_private_with_epsilon(module=model, optimizer=opt, data_loader=dl, target_epsilon=3.0,
+                                                  target_delta=1e-5, epochs=0, max_grad_norm=1.0)
+
+
+def test_help_and_dir_show_the_public_names():
+    names = dir(dpengine)
+    for n in ("PrivacyEngine", "VirtualSteps", "validate", "fix", "no_capture"):
+        assert n in names
+
+
+def test_virtual_steps_as_a_context_manager():
+    model, opt, dl = _setup()
+    _, private, loader = PrivacyEngine(seed=0).make_private(module=model, optimizer=opt, data_loader=dl,
+                                                            noise_multiplier=0.0, max_grad_norm=1.0)
+    with VirtualSteps(loader, max_physical_batch_size=3, optimizer=private) as chunks:
+        for x, y in chunks:
+            private.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            private.step()
+    assert not private._in_virtual_steps and private.steps_taken == len(loader)
