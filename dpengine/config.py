@@ -108,6 +108,8 @@ def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
     if cls is PrivacyConfig and "clipping_options" in kwargs:
         kwargs["clipping_options"] = dict(kwargs["clipping_options"])
+    if cls is PrivacyConfig and "noise_multiplier" in kwargs and "target_epsilon" not in kwargs:
+        kwargs["target_epsilon"] = None  # a fixed noise multiplier replaces the default target
     return cls(**kwargs)
 
 

@@ -144,7 +144,10 @@ def train(config: str | None, compare_nonprivate: bool, clipping: str | None, as
           no_progress: bool) -> None:
     """Train privately as CONFIG says (default: the packaged configs/default.toml) and report
     test accuracy and epsilon at the config's delta."""
-    cfg = load_config(config)
+    try:
+        cfg = load_config(config)
+    except (ValueError, TypeError, OSError) as e:  # tomllib.TOMLDecodeError is a ValueError
+        raise click.ClickException(f"{config or 'the packaged default config'}: {e}") from None
     if clipping is not None and clipping != cfg.privacy.clipping:
         options = default_clipping_options(clipping, cfg.training.batch_size)
         kind = "lipschitz_mlp" if clipping == "lipschitz" else ("mlp" if cfg.model.kind == "lipschitz_mlp"
@@ -168,4 +171,5 @@ def train(config: str | None, compare_nonprivate: bool, clipping: str | None, as
         non = results[1]
         click.echo(f"non-private: test accuracy {non.test_accuracy:.2%}   ({non.steps} steps, {non.seconds:.1f} s)")
         click.echo(f"gap:         {100 * (non.test_accuracy - priv.test_accuracy):.1f} points")
-    click.echo("Guarantee: (epsilon, delta)-DP for add/remove-one adjacency under Poisson sampling, RDP accounting.")
+    click.echo("Guarantee: (epsilon, delta)-DP for add/remove-one adjacency under Poisson sampling, "
+               f"{cfg.privacy.accountant.upper()} accounting.")

@@ -75,3 +75,20 @@ def test_cli_clipping_override_uses_the_mode():
     out = json.loads(res.output)
     assert out["config"]["privacy"]["clipping"] == "automatic"
     assert out["runs"][0]["epsilon"] <= 3.0
+
+
+def test_noise_multiplier_alone_replaces_the_default_target():
+    cfg = parse_config({"privacy": {"noise_multiplier": 1.2}})
+    assert cfg.privacy.noise_multiplier == 1.2 and cfg.privacy.target_epsilon is None
+
+
+def test_config_errors_are_one_clean_line(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[training]\nepochs = -2\n")
+    res = CliRunner().invoke(train, [str(bad), "--no-progress"])
+    assert res.exit_code != 0
+    assert "Traceback" not in res.output and "epochs=-2" in res.output and str(bad) in res.output
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[training\n")
+    res = CliRunner().invoke(train, [str(broken), "--no-progress"])
+    assert res.exit_code != 0 and "Traceback" not in res.output and str(broken) in res.output
