@@ -175,16 +175,27 @@ class _BroadcastOutput(Tensor):
     concatenation, another layer) gets the plain batch-1 tensor, whose gradient is the sum over the
     batch: if a gradient ever arrives there, the backward is refused. So expansion counts only where it is
     certain to be a broadcast.
+
+    The same wrapper, with ``lead``, presents the output of a rank-1 index lookup (nanoGPT's
+    ``wpe(torch.arange(T))``, shape (T, d)): an elementwise op with an operand of one more dimension whose
+    dimension 0 is B broadcasts it over a new leading batch dimension, so that use gets the (B, T, d) twin.
+    Its plain use stays an ordinary record with the batch as dimension 0 (per-sample ids of shape (B,));
+    ``unsqueeze(0)`` lifts it to the batch-1 form above. Without this, a (T,) lookup would be taken as
+    per sample whenever a Poisson batch happens to have T records.
     """
 
     _dp_twin: Callable[[], Tensor]
     _dp_batch: int
     _dp_misuse: list[str]
+    _dp_lead: bool
+    _dp_lift: Callable[[Tensor], Tensor] | None
 
     @classmethod
-    def wrap(cls, plain: Tensor, twin: Callable[[], Tensor], batch: int, misuse: list[str]) -> "_BroadcastOutput":
+    def wrap(cls, plain: Tensor, twin: Callable[[], Tensor], batch: int, misuse: list[str], lead: bool = False,
+             lift: Callable[[Tensor], Tensor] | None = None) -> "_BroadcastOutput":
         out = plain.as_subclass(cls)
         out._dp_twin, out._dp_batch, out._dp_misuse = twin, batch, misuse
+        out._dp_lead, out._dp_lift = lead, lift
         return out
 
     def _is_broadcast(self, func: Any, args: tuple, kwargs: dict) -> bool:
@@ -198,6 +209,8 @@ class _BroadcastOutput(Tensor):
         if args[0] is self and (name.endswith("_") or name.startswith("__i")):
             return False  # modifies the batch-1 value itself
         other = others[0]
+        if self._dp_lead:
+            return other.dim() == self.dim() + 1 and other.shape[0] == self._dp_batch
         return other.dim() == self.dim() and other.shape[0] == self._dp_batch and self.shape[0] == 1
 
     @classmethod
@@ -211,7 +224,13 @@ class _BroadcastOutput(Tensor):
                     plain = func(me.as_subclass(Tensor), *args[1:], **kwargs)
                     parent = me._dp_twin
                     return cls.wrap(plain, _lazy(lambda: func(parent(), *args[1:], **kwargs)), me._dp_batch,
-                                    me._dp_misuse)
+                                    me._dp_misuse, me._dp_lead, me._dp_lift)
+                if me._dp_lead and me._dp_lift is not None and func in (Tensor.unsqueeze, torch.unsqueeze) \
+                        and args and args[0] is me and (args[1:] or [kwargs.get("dim")])[0] == 0:
+                    # (T, d) -> (1, T, d): the batch-1 form, whose twin is the same (B, T, d) tensor and whose
+                    # plain use (its gradient summed over the batch) is refused
+                    lifted = me._dp_lift(func(me.as_subclass(Tensor), 0))
+                    return cls.wrap(lifted, me._dp_twin, me._dp_batch, me._dp_misuse)
                 if me._is_broadcast(func, args, kwargs):
                     twin = me._dp_twin()
                     return func(*[twin if a is me else a for a in args],
@@ -429,6 +448,9 @@ class GradSampleController:
             batch = self._broadcast_batch(args, out)
             if batch is not None:
                 return self._broadcast(tl, args, kwargs, out, batch)
+            lead = self._lead_batch(args, out)
+            if lead is not None:
+                copy = True  # the output object is replaced by the wrapper: tag a copy, not the value itself
             rec = Record(args, {k: (v.detach() if isinstance(v, Tensor) else v) for k, v in kwargs.items()})
             # autograd no longer saves the input for a weight gradient, so nothing else would notice an
             # in-place change to it before the reduction: remember its version (detach shares the counter)
@@ -445,9 +467,42 @@ class GradSampleController:
             # the output does not need a gradient yet (first layer, embedding), or it is the first layer
             # call of this forward and carries the anchor: tag it. A view is copied: tagging it in place
             # would make autograd rebase it (two copies in the backward).
-            return _Tap.apply(self._anchor, out, lambda g: self._on_grad(tl, rec, g, tapped=True),
-                              copy or out._is_view())
+            tapped = _Tap.apply(self._anchor, out, lambda g: self._on_grad(tl, rec, g, tapped=True),
+                                copy or out._is_view())
+            if lead is not None:
+                return self._lead(tl, args, kwargs, out, tapped, lead)
+            return tapped
         return hook
+
+    def _lead_batch(self, args: tuple, out: Tensor) -> int | None:
+        """The batch to offer a rank-1 index lookup's output at (``_BroadcastOutput`` with ``lead``): only
+        when the private loader's batch is known."""
+        b = self.loader_batch
+        a = args[0] if args else None
+        if b is None or self._batch_reduced or not isinstance(a, Tensor) or a.dim() != 1 or out.dim() < 2:
+            return None
+        return None if a.is_floating_point() or a.is_complex() else b
+
+    def _lead(self, tl: TrackedLayer, args: tuple, kwargs: dict, out: Tensor, tapped: Tensor, batch: int) -> Tensor:
+        """Wrap a rank-1 index lookup's (already tapped, per-sample-over-dimension-0) output so that a
+        broadcast over a new leading batch dimension gets a per-sample twin instead (see ``_BroadcastOutput``)."""
+        misuse: list[str] = []
+        summed = Record(args, {}, extra={"summed": misuse})
+        base = out.detach()
+        ids = args[0]
+
+        def make_twin() -> Tensor:
+            self._calls[id(tl)] = self._calls.get(id(tl), 2) + 2  # two records now: never reduced early
+            rec = Record((ids.unsqueeze(0).expand(batch, *ids.shape), *args[1:]), kwargs)
+            rec.extra["versions"] = [(0, ids._version)]
+            return _Tap.apply(self._anchor, base.unsqueeze(0).expand(batch, *base.shape),
+                              lambda g: self._on_grad(tl, rec, g, tapped=True), True)
+
+        def lift(t: Tensor) -> Tensor:
+            self._calls[id(tl)] = self._calls.get(id(tl), 2) + 2
+            return _Tap.apply(self._anchor, t, lambda g: self._on_grad(tl, summed, g, tapped=True), True)
+
+        return _BroadcastOutput.wrap(tapped, _lazy(make_twin), batch, misuse, lead=True, lift=lift)
 
     def _broadcast(self, tl: TrackedLayer, args: tuple, kwargs: dict, out: Tensor, batch: int) -> Tensor:
         """Present a batch-1 output (position ids of shape (1, T)) as ``_BroadcastOutput``: per-sample
