@@ -365,3 +365,15 @@ def test_clipping_variants_expand_every_dpengine_backend_and_are_validated():
     assert known_mode("ghost+automatic") and not known_mode("opacus-ghost+automatic") and not known_mode("bk+nope")
     with pytest.raises(SuiteError, match="BACKEND\\+CLIPPING"):
         suite.with_overrides(modes=("bk+nope",))
+
+
+def test_cuda_device_without_cuda_fails_with_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from dpengine.bench.cli import bench
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    res = CliRunner().invoke(bench, ["--quick", "--device", "cuda", "--output-dir", str(tmp_path)])
+    assert res.exit_code != 0 and "no CUDA device" in res.output and "Traceback" not in res.output
+    assert not any(tmp_path.iterdir())  # nothing ran, nothing written

@@ -95,6 +95,12 @@ def bench(suite_name: str, quick: bool, output_dir: Path, rounds: int | None, st
                                      device=device, precisions=precisions or None).with_clippings(clippings)
     except SuiteError as e:
         raise click.UsageError(str(e)) from None
+    if suite.device == "cuda" and rebuild_report is None and not accounting_only:
+        import torch
+
+        if not torch.cuda.is_available():  # every row would be "skipped" and the run would still exit 0
+            raise click.ClickException("--device cuda (or a CUDA suite) but torch sees no CUDA device here; run it "
+                                       "on a GPU machine (benchmarks/gpu_check.sh), or use --device cpu.")
     command = "dpengine bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 1 else "dpengine bench"
     t0 = time.perf_counter()
     if rebuild_report is not None:
