@@ -263,14 +263,18 @@ class ErrorFeedbackClipping(FlatClipping):
     def combine(self, sums: list[tuple[nn.Parameter, Tensor]], unclipped: dict[nn.Parameter, Tensor],
                 mean_scale: float) -> None:
         errors = [self.error.get(p) for p, _ in sums]
-        sq = sum(float(e.double().pow(2).sum()) for e in errors if e is not None)
-        k = min(1.0, self.error_max_grad_norm / (math.sqrt(sq) + 1e-12))  # clip(e, C2) = k * e
+        present = [e for e in errors if e is not None]
+        k = None  # clip(e, C2) = k * e, a device scalar: no host sync in the step
+        if present:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(e.double()) for e in present]))
+            k = (self.error_max_grad_norm / (norm + 1e-12)).clamp(max=1.0)
         for (p, v), e in zip(sums, errors):
             u = unclipped.get(p)
             new = (u - v) / mean_scale if u is not None else torch.zeros_like(v)  # (1/B) sum g_i - clipped mean
             if e is not None:
-                v.add_(e, alpha=k * mean_scale)  # the release gets clip(e, C2)
-                new += e * (1.0 - k)  # e + (mean g - clipped mean) - clip(e, C2)
+                ke = e * k.to(e.dtype)  # type: ignore[union-attr]
+                v.add_(ke, alpha=mean_scale)  # the release gets clip(e, C2)
+                new += e - ke  # e + (mean g - clipped mean) - clip(e, C2)
             self.error[p] = new
 
     def state_dict(self, params: list[nn.Parameter]) -> dict[str, Any]:

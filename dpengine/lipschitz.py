@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ._validate import one_of, positive
+from .grad_sample.ledger import BatchLedger
 
 #: Relative slack that turns a float64 SVD's largest singular value into a certified upper bound. LAPACK's
 #: SVD is backward stable (error O(n * 1.1e-16) relative to the largest singular value), so 1e-9 covers any
@@ -656,7 +657,7 @@ def attach_projection(optimizer: torch.optim.Optimizer, model: nn.Module) -> Rem
 
 
 # ------------------------------------------------------------------------------------------ engine side
-class LipschitzSums:
+class LipschitzSums(BatchLedger):
     """The gradient source of ``make_private(clipping="lipschitz")``: no per-sample work at all.
 
     The ordinary backward computes the batch gradient; at the end of each backward (a callback queued from
@@ -669,23 +670,14 @@ class LipschitzSums:
     """
 
     def __init__(self, module: nn.Module, params: list[nn.Parameter], *, mean_reduction: bool) -> None:
+        super().__init__()
         self.module = module
         self.params = params
         self.param_ids = frozenset(id(p) for p in params)
         self.mean_reduction = mean_reduction
-        self.output_scale = 1.0
-        self.loader_batch: int | None = None
-        self._batch_reduced = False
-        self.repeated_batches = 0
-        self.batches_accumulated = 0
-        self._summed: dict[nn.Parameter, Tensor] = {}
-        self._written: dict[nn.Parameter, tuple[Tensor, int]] = {}
         self._queued_for: int | None = None
         self._root_batch: int | None = None
         self._handles = [module.register_forward_hook(self._on_output)]
-
-    def note_batch(self, size: int) -> None:
-        self.loader_batch, self._batch_reduced = int(size), False
 
     def _on_output(self, module: nn.Module, args: Any, out: Any) -> None:
         if isinstance(out, Tensor) and out.requires_grad:
@@ -711,12 +703,14 @@ class LipschitzSums:
             grads.append((p, p.grad))
         if not grads:  # torch.autograd.grad: nothing accumulated, nothing released
             return
-        batch = self.loader_batch if self.loader_batch is not None else self._root_batch
-        if self.loader_batch is not None:
-            if self._batch_reduced:
-                self.repeated_batches += 1
-            self._batch_reduced = True
-        factor = (float(batch or 0) if self.mean_reduction else 1.0) * self.output_scale
+        batch = self._count_loader_batch()
+        if batch is None:
+            batch = self._root_batch
+        if batch is None and self.mean_reduction:
+            raise RuntimeError("clipping='lipschitz' with a mean-reduced loss needs the batch size to turn the "
+                               "batch gradient back into a sum; iterate the loader make_private returned (or let "
+                               "the model return a tensor with the batch as dimension 0).")
+        factor = (float(batch) if self.mean_reduction else 1.0) * self.output_scale
         with torch.no_grad():
             for p, grad in grads:
                 t = grad.to(torch.promote_types(p.dtype, torch.float32)) * factor
@@ -733,30 +727,7 @@ class LipschitzSums:
             return ("the Lipschitz constraints do not hold, so the per-sample gradient bounds (and the noise) "
                     "would be wrong: " + "; ".join(broken) + ". Keep the projection that make_private attached "
                     "to the optimizer (it runs after every step), and change weights only through it.")
-        if self.repeated_batches:
-            return ("a batch from the private data loader was reduced by more than one backward pass; each "
-                    "sample's gradient bound holds once per step. Add the losses and call backward once.")
-        if self.batches_accumulated > 1 and not in_virtual_steps:
-            return (f"{self.batches_accumulated} backward passes were accumulated since the last step; each "
-                    "sample's gradient bound holds once per step. Use dpengine.VirtualSteps for chunks.")
-        return None
-
-    def pop_clipped_sums(self) -> dict[nn.Parameter, Tensor]:
-        out, self._summed = self._summed, {}
-        self.batches_accumulated = self.repeated_batches = 0
-        return out
-
-    def pop_unclipped_sums(self) -> dict[nn.Parameter, Tensor]:
-        return {}
-
-    def mark_written(self, p: nn.Parameter, grad: Tensor) -> None:
-        """The optimizer's noisy gradient stays in ``p.grad`` for the inner step; remember it (and its
-        version) so that the next backward neither re-collects it nor accumulates into it unnoticed."""
-        self._written[p] = (grad, grad._version)
-
-    def clear(self) -> None:
-        self._summed = {}
-        self.batches_accumulated = self.repeated_batches = 0
+        return super().step_problem(in_virtual_steps)
 
     def detach(self) -> None:
         for h in self._handles:

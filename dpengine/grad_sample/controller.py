@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from ..clipping import ClippingPolicy
 from .functorch import FALLBACK
+from .ledger import BatchLedger
 from .registry import (LayerHandler, NormMethod, PerSampleGradientError, Record, cross_term, direct_trainable,
                        find_handler, row_sq, weighted_sum)
 
@@ -292,7 +293,7 @@ def _promote(rec: Record) -> None:
         rec.args = tuple(x.to(work) if isinstance(x, Tensor) and x.is_floating_point() else x for x in rec.args)
 
 
-class GradSampleController:
+class GradSampleController(BatchLedger):
     """Drives the per-layer handlers for one module; owns the captured tensors and the clipped sums."""
 
     def __init__(
@@ -306,6 +307,7 @@ class GradSampleController:
     ) -> None:
         """``policy`` groups the parameters and turns per-group norms into factors; ``clip_factors`` is a
         shorthand for one group: (B,) norms -> (B,) factors."""
+        super().__init__()
         self.module = module
         self.mode = mode
         if (policy is None) == (clip_factors is None):
@@ -326,24 +328,14 @@ class GradSampleController:
         self._pending: list[tuple[TrackedLayer, Record]] = []
         self._pending_full: bool | None = None  # the anchor's verdict for the running backward
         self._queued_for: int | None = None
-        self._summed: dict[nn.Parameter, Tensor] = {}
-        self._written: dict[nn.Parameter, tuple[Tensor, int]] = {}
         self._method_cache: dict[tuple[int, tuple[int, ...]], NormMethod] = {}
         self._signatures: dict[type, inspect.Signature | None] = {}
-        self.batches_accumulated = 0
-        #: records in the batch the private loader yielded last (None: the batch did not come from it)
-        self.loader_batch: int | None = None
-        self._batch_reduced = False  # that batch was already reduced by a backward
-        #: reductions of a loader batch that had already been reduced, since the last step
-        self.repeated_batches = 0
         #: backward passes that were not a full ``backward()`` (``torch.autograd.grad``), dropped
         self.skipped_backwards = 0
         self._warned_unverified = False
         self.last_norms: Tensor | None = None  # (B,) each sample's whole-gradient norm, last backward
         self.last_group_norms: Tensor | None = None  # (K, B) per clipping group
         self._unclipped: dict[nn.Parameter, Tensor] = {}  # sum_i g_i, for policies that need it
-        #: multiplies every clipped sum (the optimizer sets 1 / expected batch size for mean reduction)
-        self.output_scale = 1.0
         self._swapped: set[int] = set()  # layers whose parameters the pre-hook swapped for this call
         # layers whose clipping groups hold only their own parameters (used by no other layer): with a
         # separable policy (per-layer) they are reduced as soon as their output gradient arrives
@@ -376,12 +368,6 @@ class GradSampleController:
         return out
 
     # ----------------------------------------------------------------------------------- capture
-    def note_batch(self, size: int) -> None:
-        """The private loader yielded a batch of ``size`` records: the batch every tracked layer must see
-        as dimension 0 of its input, reduced by exactly one backward."""
-        self.loader_batch = int(size)
-        self._batch_reduced = False
-
     def _root_pre_hook(self, module: nn.Module, args: tuple) -> None:
         if torch.is_grad_enabled() and _capture_on():
             self._anchored = False  # the first layer call of this forward carries the anchor
@@ -572,11 +558,8 @@ class GradSampleController:
     def _check_batch(self, seen: list[tuple[str, int]]) -> int:
         """The batch size of this backward, checked against the batch the private loader yielded.
         ``seen``: (layer name, dimension 0 of its captured gradient) for every record of the backward."""
-        expected = self.loader_batch
+        expected = self._count_loader_batch()
         if expected is not None:
-            if self._batch_reduced:
-                self.repeated_batches += 1
-            self._batch_reduced = True
             wrong = [(name, b) for name, b in seen if b != expected]
             if wrong:
                 detail = ", ".join(f"'{name}' saw {b}" for name, b in wrong[:6])
@@ -753,49 +736,17 @@ class GradSampleController:
                     "parameter only through its module (wrap it in nn.Linear / nn.Embedding), or freeze it.")
 
     # ----------------------------------------------------------------------------------- optimizer side
-    def step_problem(self, in_virtual_steps: bool) -> str | None:
-        """Why the step about to be taken would break the clipping bound (None if it would not)."""
-        if self.repeated_batches:
-            return (f"a batch from the private data loader was reduced by more than one backward pass "
-                    f"({self.repeated_batches} extra): a second backward over the same batch (in this step or, "
-                    "with a batch reused, a later one), or two losses with two backward() calls. Each backward is "
-                    "clipped on its own, so a sample in both could contribute up to 2 * max_grad_norm (and the "
-                    "accountant assumes a fresh Poisson batch for every step). Add the losses and call backward "
-                    "once, take the next batch from the loader for the next step, and run passes that are not the "
-                    "training backward (e.g. the input gradient of adversarial training) inside "
-                    "dpengine.no_capture().")
-        if self.batches_accumulated > 1 and not in_virtual_steps:
-            return (f"{self.batches_accumulated} backward passes were accumulated since the last step. dpengine "
-                    "clips each backward on its own, so a sample that took part in two of them would contribute "
-                    "up to 2 * max_grad_norm. To split one logical batch into physical chunks iterate "
-                    "dpengine.VirtualSteps over the private loader; to combine several losses, add them and call "
-                    "backward once.")
-        return None
-
-    def pop_clipped_sums(self) -> dict[nn.Parameter, Tensor]:
-        """The clipped sums accumulated since the last pop (and forget them)."""
-        out, self._summed = self._summed, {}
-        self.batches_accumulated = self.repeated_batches = 0
-        return out
-
     def pop_unclipped_sums(self) -> dict[nn.Parameter, Tensor]:
         """The unclipped sums (policies with ``needs_unclipped``) since the last pop, in the same scale."""
         out, self._unclipped = self._unclipped, {}
         return out
 
-    def mark_written(self, p: nn.Parameter, grad: Tensor) -> None:
-        """Remember the private gradient the optimizer wrote (and its version), so it is not mistaken for a
-        leak; autograd accumulating into it in place changes the version."""
-        self._written[p] = (grad, grad._version)
-
     def clear(self) -> None:
-        self._summed = {}
+        super().clear()
         self._unclipped = {}
         self._clear_staged()
         self._calls = {}
         self._pending = []
-        self.batches_accumulated = self.repeated_batches = 0
-        self._written = {}
 
     def detach(self) -> None:
         """Remove every hook; the module is left as it was before ``make_private``."""

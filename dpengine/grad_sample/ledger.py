@@ -1,0 +1,81 @@
+"""What every gradient source of the private optimizer keeps about the batches it reduces.
+
+Two sources exist: the per-sample ``GradSampleController`` and Lipschitz clipping's ``LipschitzSums``
+(the plain batch gradient, bounded analytically). Both must know the batch the private loader yielded,
+allow one reduction per batch (a second backward over it could double a sample's contribution), and
+remember the private gradient the optimizer wrote into ``p.grad``; this is that shared part.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+
+class BatchLedger:
+    """Loader batch, reductions per batch and per step, the clipped sums, and the gradients written."""
+
+    def __init__(self) -> None:
+        #: multiplies every clipped sum (the optimizer sets 1 / expected batch size for mean reduction)
+        self.output_scale = 1.0
+        #: records in the batch the private loader yielded last (None: the batch did not come from it)
+        self.loader_batch: int | None = None
+        self._batch_reduced = False  # that batch was already reduced by a backward
+        #: reductions of a loader batch that had already been reduced, since the last step
+        self.repeated_batches = 0
+        self.batches_accumulated = 0  # reductions since the last step
+        self._summed: dict[nn.Parameter, Tensor] = {}
+        self._written: dict[nn.Parameter, tuple[Tensor, int]] = {}
+
+    def note_batch(self, size: int) -> None:
+        """The private loader yielded a batch of ``size`` records: the batch every tracked layer must see
+        as dimension 0 of its input, reduced by exactly one backward."""
+        self.loader_batch = int(size)
+        self._batch_reduced = False
+
+    def _count_loader_batch(self) -> int | None:
+        """Called once per reduction: the loader's batch size (None if the batch did not come from it),
+        counting a second reduction of the same batch."""
+        if self.loader_batch is not None:
+            if self._batch_reduced:
+                self.repeated_batches += 1
+            self._batch_reduced = True
+        return self.loader_batch
+
+    def step_problem(self, in_virtual_steps: bool) -> str | None:
+        """Why the step about to be taken would break the privacy bound (None if it would not)."""
+        if self.repeated_batches:
+            return (f"a batch from the private data loader was reduced by more than one backward pass "
+                    f"({self.repeated_batches} extra): a second backward over the same batch (in this step or, "
+                    "with a batch reused, a later one), or two losses with two backward() calls. Each backward is "
+                    "clipped on its own, so a sample in both could contribute up to 2 * max_grad_norm (and the "
+                    "accountant assumes a fresh Poisson batch for every step). Add the losses and call backward "
+                    "once, take the next batch from the loader for the next step, and run passes that are not the "
+                    "training backward (e.g. the input gradient of adversarial training) inside "
+                    "dpengine.no_capture().")
+        if self.batches_accumulated > 1 and not in_virtual_steps:
+            return (f"{self.batches_accumulated} backward passes were accumulated since the last step. dpengine "
+                    "clips each backward on its own, so a sample that took part in two of them would contribute "
+                    "up to 2 * max_grad_norm. To split one logical batch into physical chunks iterate "
+                    "dpengine.VirtualSteps over the private loader; to combine several losses, add them and call "
+                    "backward once.")
+        return None
+
+    def pop_clipped_sums(self) -> dict[nn.Parameter, Tensor]:
+        """The clipped sums accumulated since the last pop (and forget them)."""
+        out, self._summed = self._summed, {}
+        self.batches_accumulated = self.repeated_batches = 0
+        return out
+
+    def pop_unclipped_sums(self) -> dict[nn.Parameter, Tensor]:
+        """The unclipped sums (error feedback) since the last pop; none unless the source forms them."""
+        return {}
+
+    def mark_written(self, p: nn.Parameter, grad: Tensor) -> None:
+        """Remember the private gradient the optimizer wrote (and its version): it is not a leak, and autograd
+        accumulating into it in place changes the version."""
+        self._written[p] = (grad, grad._version)
+
+    def clear(self) -> None:
+        self._summed = {}
+        self.batches_accumulated = self.repeated_batches = 0
+        self._written = {}
