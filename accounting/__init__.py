@@ -10,7 +10,7 @@ Gaussian (add/remove-one adjacency, noise std ``noise_multiplier * C`` for clipp
 2.5966
 """
 
-from .accountants import ACCOUNTANTS, Accountant, PLDAccountant, RDPAccountant, create_accountant, register_accountant
+from .accountants import ACCOUNTANTS, Accountant, PLDAccountant, PRVAccountant, RDPAccountant, create_accountant, register_accountant
 from .calibration import epochs_to_steps, get_epsilon, get_max_steps, get_noise_multiplier, get_sample_rate
 from .rdp import DEFAULT_ORDERS, classic_epsilon, compute_epsilon, compute_rdp, epsilon_from_rdp, rdp_subsampled_gaussian
 
@@ -19,6 +19,7 @@ __all__ = [
     "DEFAULT_ORDERS",
     "Accountant",
     "PLDAccountant",
+    "PRVAccountant",
     "RDPAccountant",
     "classic_epsilon",
     "compute_epsilon",

@@ -10,6 +10,7 @@ import itertools
 import json
 import math
 import sys
+import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,19 @@ ASSUMPTIONS = (
     "Gaussian noise with std sigma*C (C = clipping norm)."
 )
 EPOCHS_RULE = "steps = ceil(epochs / sample_rate)"
+LOADER_RULE = (
+    "With --dataset-size N and --batch-size B, q = 1 / ceil(N / B) and one epoch is ceil(N / B) steps, "
+    "as make_private defines them for a DataLoader(batch_size=B) over N records (Poisson batches of "
+    "expected size N / ceil(N / B) <= B)."
+)
+
+
+def loader_sample_rate(n_data: int, batch: int) -> float:
+    """The sample rate ``make_private`` uses for a ``DataLoader(batch_size=batch)`` over ``n_data`` records:
+    one over the number of batches per epoch (as Opacus)."""
+    if batch <= 0:
+        raise ValueError(f"Expected batch_size={batch} > 0.")
+    return 1.0 / math.ceil(n_data / batch)
 
 
 def _floats(text: str | None, name: str) -> list[float] | None:
@@ -76,7 +90,14 @@ def load_accountant_state(path: str | Path) -> dict[str, Any]:
     except (UnicodeDecodeError, json.JSONDecodeError):
         import torch  # noqa: PLC0415 - only for torch checkpoints
 
-        data = torch.load(path, weights_only=True)
+        try:
+            with warnings.catch_warnings():  # torch's unpickler warns about foreign files before failing
+                warnings.simplefilter("ignore", UserWarning)
+                data = torch.load(path, weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any unreadable file is reported in one line
+            raise ValueError(f"path={str(path)!r} is neither a JSON accountant state nor a torch checkpoint "
+                             f"({type(err).__name__}); give the file written by PrivacyEngine.save_checkpoint "
+                             "or a JSON accountant state_dict.") from None
     if isinstance(data, dict) and "history" not in data and isinstance(data.get("accountant"), dict):
         data = data["accountant"]
     if not isinstance(data, dict) or "history" not in data:
@@ -133,7 +154,7 @@ def _solve_one(
 ) -> dict[str, Any]:
     """Solves for the one missing quantity; returns a row of all values."""
     if q is None and batch is not None:
-        q = batch / n_data  # type: ignore[operator]
+        q = loader_sample_rate(n_data, batch)  # type: ignore[arg-type]
     if steps is None and epochs is not None and q is not None:
         steps = epochs_to_steps(epochs, q)
     row: dict[str, Any] = {"solved_for": None, "best_order": None}
@@ -145,7 +166,8 @@ def _solve_one(
         epsilon, order = acc.get_privacy_spent(delta)
         row.update(solved_for="epsilon", best_order=order)
         # for comparison only: the classic RDP conversion (Mironov 2017), looser than the one reported
-        row["epsilon_classic"] = compute_epsilon([(sigma, q, steps)], delta, conversion="classic")[0]
+        if accountant == "rdp":
+            row["epsilon_classic"] = compute_epsilon([(sigma, q, steps)], delta, conversion="classic")[0]
     elif sigma is None:
         if q is None or steps is None:
             raise ValueError("Give the sample rate (or batch size) and steps (or epochs) to solve for the noise multiplier.")
@@ -159,10 +181,17 @@ def _solve_one(
     elif q is None:
         q = get_sample_rate(epsilon, delta, sigma, steps=None if epochs is not None else steps, epochs=epochs, accountant=accountant)
         if n_data is not None:
+            # the largest loader batch size whose q = 1 / ceil(N / B) (and, with epochs, its step count) fits
             batch = int(math.floor(q * n_data))
+            while batch >= 1:
+                q_b = loader_sample_rate(n_data, batch)
+                steps_b = epochs_to_steps(epochs, q_b) if epochs is not None else steps
+                if get_epsilon(sigma, q_b, steps_b, delta, accountant=accountant) <= epsilon:
+                    break
+                batch -= 1
             if batch < 1:
                 raise ValueError(f"The solved sample_rate={q:.3g} gives a batch size below 1 for dataset_size={n_data}.")
-            q = batch / n_data
+            q = loader_sample_rate(n_data, batch)
         if epochs is not None:
             steps = epochs_to_steps(epochs, q)
         row["solved_for"] = "batch_size" if n_data is not None else "sample_rate"
@@ -226,6 +255,8 @@ def budget(
         notes.append(f"Warning: delta={delta:.3g} >= 1/N = {1 / dataset_size:.3g}; this permits leaking a whole record.")
     if epochs_l is not None:
         notes.append(f"Epochs to steps: {EPOCHS_RULE}.")
+    if dataset_size is not None and (batches is not None or (qs is None and epsilon is not None)):
+        notes.append(LOADER_RULE)
     notes.append(ASSUMPTIONS)
 
     try:
@@ -259,19 +290,20 @@ def budget(
     else:
         _print_rows(rows, accountant, delta, notes)
     if plot is not None:
-        _plot(rows, plot)
+        _plot(rows, plot, delta, accountant)
 
 
 def _print_rows(rows: list[dict[str, Any]], accountant: str, delta: float, notes: list[str]) -> None:
     from rich.console import Console  # noqa: PLC0415
     from rich.table import Table  # noqa: PLC0415
 
-    console = Console(highlight=False)
+    # piped output is not wrapped at 80 columns (a terminal still gets rich's layout)
+    console = Console(highlight=False, soft_wrap=not sys.stdout.isatty())
     if len(rows) == 1:
         r = rows[0]
         solved = r["solved_for"]
         lines = {
-            "epsilon": f"epsilon = {r['epsilon']:.6g} (delta = {delta:.3g}, best order = {_fmt_order(r['best_order'])})"
+            "epsilon": f"epsilon = {r['epsilon']:.6g} (delta = {delta:.3g}{_order_txt(r['best_order'])})"
                        + (f"\n  classic RDP conversion, for comparison: epsilon = {r['epsilon_classic']:.6g}"
                           if "epsilon_classic" in r else ""),
             "noise_multiplier": f"noise multiplier needed = {r['noise_multiplier']:.6g}",
@@ -282,17 +314,20 @@ def _print_rows(rows: list[dict[str, Any]], accountant: str, delta: float, notes
         console.print(lines[solved])
         if solved != "epsilon":
             console.print(f"  achieves epsilon = {r['epsilon_achieved']:.6g} <= target {r['epsilon']:.6g} "
-                          f"(delta = {delta:.3g}, best order = {_fmt_order(r['best_order'])})")
+                          f"(delta = {delta:.3g}{_order_txt(r['best_order'])})")
         console.print(f"  noise multiplier = {r['noise_multiplier']:.6g}, sample rate = {r['sample_rate']:.6g}, "
                       f"steps = {r['steps']}, accountant = {accountant}")
     else:
         table = Table(title=f"Privacy budget ({accountant}, delta = {delta:.3g})")
-        for col in ("noise multiplier", "sample rate", "batch size", "steps", "epochs", "epsilon", "best order"):
+        with_order = accountant == "rdp"
+        for col in ("noise multiplier", "sample rate", "batch size", "steps", "epochs", "epsilon") + \
+                (("best order",) if with_order else ()):
             table.add_column(col, justify="right")
         for r in rows:
             table.add_row(
                 f"{r['noise_multiplier']:.6g}", f"{r['sample_rate']:.6g}", str(r["batch_size"] or "-"), str(r["steps"]),
-                f"{r['epochs']:.4g}", f"{r.get('epsilon_achieved', r['epsilon']):.6g}", _fmt_order(r["best_order"]),
+                f"{r['epochs']:.4g}", f"{r.get('epsilon_achieved', r['epsilon']):.6g}",
+                *((_fmt_order(r["best_order"]),) if with_order else ()),
             )
         console.print(table)
     for note in notes:
@@ -303,7 +338,19 @@ def _fmt_order(order: float | None) -> str:
     return "-" if order is None else f"{order:.4g}"
 
 
-def _plot(rows: list[dict[str, Any]], path: str) -> None:
+def _order_txt(order: float | None) -> str:
+    """", best order = a" for RDP; nothing for accountants without orders (PLD, PRV)."""
+    return "" if order is None else f", best order = {order:.4g}"
+
+
+def _curve(sigma: float, q: float, steps: int, delta: float, accountant: str, points: int) -> tuple[list[int], list[float]]:
+    """Epsilon after t steps for t up to ``steps`` (a few dozen points, each accounted exactly)."""
+    ts = sorted({max(1, round(steps * k / points)) for k in range(1, points + 1)}) if steps > 0 else [0]
+    return ts, [get_epsilon(sigma, q, t, delta, accountant=accountant) for t in ts]
+
+
+def _plot(rows: list[dict[str, Any]], path: str, delta: float, accountant: str) -> None:
+    """epsilon against steps, one curve per (noise multiplier, sample rate, steps) row, up to its step count."""
     try:
         import matplotlib  # noqa: PLC0415
 
@@ -312,16 +359,16 @@ def _plot(rows: list[dict[str, Any]], path: str) -> None:
     except ImportError:
         _fail("--plot needs matplotlib: pip install 'dpengine[plot]'")
         return
+    points = 40 if accountant == "rdp" else 12  # PLD/PRV compositions cost ~0.1-0.5 s each
     fig, ax = plt.subplots(figsize=(6, 4))
-    by_sigma: dict[float, list[tuple[float, float]]] = {}
     for r in rows:
-        by_sigma.setdefault(r["noise_multiplier"], []).append((r["epochs"], r.get("epsilon_achieved", r["epsilon"])))
-    for sigma, pts in sorted(by_sigma.items()):
-        pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"sigma = {sigma:.4g}")
-    ax.set_xlabel("epochs")
-    ax.set_ylabel("epsilon")
-    ax.legend()
+        ts, eps = _curve(r["noise_multiplier"], r["sample_rate"], int(r["steps"]), delta, accountant, points)
+        ax.plot(ts, eps, label=f"sigma = {r['noise_multiplier']:.4g}, q = {r['sample_rate']:.4g}")
+        ax.plot(ts[-1:], eps[-1:], marker="o", color=ax.lines[-1].get_color())
+    ax.set_xlabel("steps")
+    ax.set_ylabel(f"epsilon (delta = {delta:.3g}, {accountant})")
+    if len(rows) <= 10:
+        ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
@@ -351,8 +398,8 @@ def _report_checkpoint(
     if as_json:
         click.echo(json.dumps({**out, "assumptions": ASSUMPTIONS, "notes": notes, "versions": _versions()}, default=float))
         return
-    click.echo(f"epsilon spent = {spent:.6g} after {acc.total_steps} steps (delta = {delta:.3g}, "
-               f"best order = {_fmt_order(order)}, accountant = {name})")
+    click.echo(f"epsilon spent = {spent:.6g} after {acc.total_steps} steps (delta = {delta:.3g}"
+               f"{_order_txt(order)}, accountant = {name})")
     if epsilon is not None:
         click.echo(f"steps left within epsilon = {epsilon:g}: {out['steps_left']} "
                    f"(noise multiplier {out['noise_multiplier']:.6g}, sample rate {out['sample_rate']:.6g})")

@@ -61,7 +61,7 @@ def get_epsilon(
         sample_rate: Poisson sampling probability in [0, 1].
         steps: Number of steps (>= 0).
         delta: Target delta in (0, 1).
-        accountant: ``"rdp"`` or ``"pld"``.
+        accountant: ``"rdp"``, ``"pld"`` or ``"prv"``.
 
     Returns:
         Epsilon.
@@ -138,7 +138,7 @@ def get_noise_multiplier(
         sample_rate: Poisson sampling probability in [0, 1].
         steps: Number of steps; or give ``epochs`` (``steps = ceil(epochs / sample_rate)``).
         epochs: Number of epochs, alternative to ``steps``.
-        accountant: ``"rdp"`` or ``"pld"``.
+        accountant: ``"rdp"``, ``"pld"`` or ``"prv"``.
         epsilon_tolerance: Relative window: the result has ``(1 - tol) * target <= eps <= target``.
 
     Returns:
@@ -194,7 +194,7 @@ def get_max_steps(
         target_delta: Target delta in (0, 1).
         sample_rate: Poisson sampling probability in [0, 1].
         noise_multiplier: Noise multiplier (>= 0).
-        accountant: ``"rdp"`` or ``"pld"``.
+        accountant: ``"rdp"``, ``"pld"`` or ``"prv"``.
         max_steps: Upper limit of the search.
 
     Returns:
@@ -256,7 +256,7 @@ def get_sample_rate(
         noise_multiplier: Noise multiplier (>= 0).
         steps: Number of steps; or ``epochs``.
         epochs: Number of epochs, alternative to ``steps``.
-        accountant: ``"rdp"`` or ``"pld"``.
+        accountant: ``"rdp"``, ``"pld"`` or ``"prv"``.
         epsilon_tolerance: Relative window below the target.
 
     Returns:

@@ -32,7 +32,8 @@ class PrivacyEngine:
     """Turns a model, optimizer and data loader into their differentially private counterparts.
 
     Args:
-        accountant: name of the accountant in ``dpengine.accounting`` ("rdp" or "pld").
+        accountant: name of the accountant in ``dpengine.accounting``: "rdp", "pld", or "prv" (Opacus'
+            default name; computed by dp-accounting's PLD, see ``dpengine.accounting.accountants``).
         secure_mode: draw noise and Poisson sampling from the OS CSPRNG (see ``GaussianNoise``), and harden
             noise sampling against floating-point attacks; nothing that could regenerate the noise is kept
             or checkpointed. Use it for real deployments; leave it off for reproducible research.
@@ -83,6 +84,12 @@ class PrivacyEngine:
         """Attach per-sample clipping, noise and accounting. Always returns ``(module, optimizer, data_loader)``.
 
         The returned module is the same object (with capture hooks): same outputs, same ``state_dict``.
+
+        ``p.grad`` stays None between ``loss.backward()`` and ``optimizer.step()``: the backward clips each
+        sample's gradient as it goes, and ``step()`` writes the noised, private gradient into ``p.grad``
+        before the wrapped optimizer runs (so ``clip_grad_norm_`` or logging ``p.grad`` there sees nothing;
+        clipping is dpengine's job). To inspect the clipped, un-noised sum while debugging, call
+        ``optimizer.clipped_grads_for_debugging()`` (copies; not private).
 
         Args:
             module: the model; every trainable layer must have a handler (see ``dpengine.validate``).

@@ -92,6 +92,7 @@ class DPOptimizer(Optimizer):
         self.accountant = accountant
         self._skip_next = False
         self._keep_grads = False
+        self._warned_debug = False
         self._in_virtual_steps = False  # chunks of one logical batch are being accumulated
         self._warned_eval = False
         self.steps_taken = 0
@@ -210,6 +211,23 @@ class DPOptimizer(Optimizer):
     def sensitivity(self) -> float:
         """The clipping policy's sensitivity at this step (adaptive clipping moves it)."""
         return self.policy.sensitivity
+
+    def clipped_grads_for_debugging(self) -> dict[nn.Parameter, torch.Tensor]:
+        """The clipped, un-noised gradient of this step so far, per parameter: what ``step()`` will add
+        noise to, in the same scale (divided by the expected batch size for a mean-reduced loss). For
+        reading between ``backward()`` and ``step()``, where ``p.grad`` is None in dpengine (the private
+        gradient is written into ``p.grad`` by ``step()``).
+
+        Returns detached copies: changing them cannot change what ``step()`` releases. They are NOT
+        differentially private (no noise yet): print or assert on them while debugging, but do not log
+        them where the model's users can read them, and do not feed them back into training. Per-sample
+        norms of the last backward are in ``optimizer.controller.last_norms``. Empty before the first
+        backward of a step."""
+        if not self._warned_debug:
+            self._warned_debug = True
+            warnings.warn("clipped_grads_for_debugging() returns gradients before noise: they are not "
+                          "differentially private; keep them out of logs others can read.", stacklevel=2)
+        return self.controller.peek_clipped_sums()
 
     @property
     def params(self) -> list[nn.Parameter]:

@@ -95,3 +95,44 @@ def test_virtual_steps_as_a_context_manager():
             F.cross_entropy(model(x), y).backward()
             private.step()
     assert not private._in_virtual_steps and private.steps_taken == len(loader)
+
+
+def test_clipped_grads_for_debugging_is_the_un_noised_update_and_cannot_leak_into_it():
+    """Between backward() and step() p.grad is None; clipped_grads_for_debugging() gives copies of the clipped
+    sum (equal to the private gradient with sigma = 0), and editing them leaves the release unchanged."""
+    model, opt, dl = _setup()
+    engine = PrivacyEngine(seed=0)
+    model, private, dl = engine.make_private(module=model, optimizer=opt, data_loader=dl, noise_multiplier=0.0,
+                                             max_grad_norm=0.5)
+    with pytest.warns(UserWarning, match="not differentially private"):
+        assert private.clipped_grads_for_debugging() == {}
+    batch = next(iter(dl))
+    while len(batch[0]) == 0:
+        batch = next(iter(dl))
+    x, y = batch
+    F.cross_entropy(model(x), y).backward()
+    assert all(p.grad is None for p in model.parameters())
+    debug = private.clipped_grads_for_debugging()
+    assert set(debug) == set(model.parameters())
+    expected = {p: g.clone() for p, g in debug.items()}
+    for g in debug.values():
+        g.mul_(1e6)  # a user scribbling on the copies
+    before = {p: p.detach().clone() for p in model.parameters()}
+    private.step()
+    for p in model.parameters():
+        assert torch.allclose(p.grad, expected[p], atol=1e-7)  # sigma = 0: the release is the clipped sum
+        assert torch.allclose(p.detach(), before[p] - 0.1 * expected[p], atol=1e-7)
+
+
+def test_prv_accountant_is_accepted_like_opacus():
+    model, opt, dl = _setup()
+    engine = PrivacyEngine(accountant="prv", seed=0)
+    _, private, dl = engine.make_private_with_epsilon(module=model, optimizer=opt, data_loader=dl,
+                                                      target_epsilon=3.0, target_delta=1e-5, epochs=1,
+                                                      max_grad_norm=1.0)
+    for x, y in dl:
+        private.zero_grad()
+        if len(x):
+            F.cross_entropy(model(x), y).backward()
+        private.step()
+    assert engine.accountant.name == "prv" and 0 < engine.get_epsilon(1e-5) <= 3.0

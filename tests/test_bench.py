@@ -377,3 +377,23 @@ def test_cuda_device_without_cuda_fails_with_one_line(tmp_path):
     res = CliRunner().invoke(bench, ["--quick", "--device", "cuda", "--output-dir", str(tmp_path)])
     assert res.exit_code != 0 and "no CUDA device" in res.output and "Traceback" not in res.output
     assert not any(tmp_path.iterdir())  # nothing ran, nothing written
+
+
+def test_default_output_dir_is_fresh_and_never_the_committed_results(tmp_path, monkeypatch):
+    """Without --output-dir a run writes to a new bench-out/<timestamp> directory, never into benchmarks/."""
+    from click.testing import CliRunner
+
+    from dpengine.bench.cli import bench, default_output_dir
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "benchmarks").mkdir()
+    first = default_output_dir()
+    first.mkdir(parents=True)
+    second = default_output_dir()
+    assert first.parent == second.parent == Path("bench-out") and first != second
+    res = CliRunner().invoke(bench, ["--accounting-only"])
+    assert res.exit_code == 0, res.output
+    written = [p for p in (tmp_path / "bench-out").iterdir() if (p / "RESULTS.md").exists()]
+    assert len(written) == 1 and not any((tmp_path / "benchmarks").iterdir())
+    text = (written[0] / "RESULTS.md").read_text()
+    assert "--accounting-only    # only the accounting" in text and "--accounting         #" not in text

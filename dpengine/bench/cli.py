@@ -45,6 +45,15 @@ Example: dpengine bench --quick --precision fp32 --precision bf16 --output-dir /
 """
 
 
+def default_output_dir() -> Path:
+    """A fresh directory per run: bench-out/YYYYmmdd-HHMMSS (with a suffix if two runs start in one second)."""
+    base = Path("bench-out") / time.strftime("%Y%m%d-%H%M%S")
+    out, k = base, 1
+    while out.exists():
+        out, k = base.with_name(f"{base.name}-{k}"), k + 1
+    return out
+
+
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -53,8 +62,10 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 @click.option("--suite", "suite_name", default="default", show_default=True,
               help="Suite name (configs/bench/NAME.toml) or a path to a .toml file.")
 @click.option("--quick", is_flag=True, help="Run the quick suite (same as --suite quick).")
-@click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("benchmarks"),
-              show_default=True, help="Where the CSV, tables, plot and RESULTS.md go.")
+@click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where the CSV, tables, plot and RESULTS.md go (default: a fresh bench-out/YYYYmmdd-HHMMSS, so "
+                   "a run never appends to results committed in benchmarks/; pass --output-dir benchmarks to "
+                   "update them deliberately).")
 @click.option("--rounds", type=click.IntRange(min=1), help="Override the suite's number of rounds.")
 @click.option("--steps", type=click.IntRange(min=1), help="Override the (minimum) timed steps per round.")
 @click.option("--min-time", "min_time_s", type=click.FloatRange(min=0),
@@ -75,7 +86,7 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
                    "last run in a results.jsonl (also an interrupted one); nothing is run.")
 @click.option("--list", "list_suites", is_flag=True, help="List the available suites and exit.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
-def bench(suite_name: str, quick: bool, output_dir: Path, rounds: int | None, steps: int | None,
+def bench(suite_name: str, quick: bool, output_dir: Path | None, rounds: int | None, steps: int | None,
           min_time_s: float | None, warmup: int | None, threads: int | None, device: str | None,
           precisions: tuple[str, ...], clippings: tuple[str, ...], accounting: bool | None, accounting_only: bool, rebuild_report: Path | None,
           list_suites: bool, progress: bool) -> None:
@@ -83,6 +94,8 @@ def bench(suite_name: str, quick: bool, output_dir: Path, rounds: int | None, st
     from dpengine.bench.runner import run_suite
     from dpengine.bench.suite import SuiteError, available_suites, load_suite
 
+    if output_dir is None:
+        output_dir = default_output_dir()
     if list_suites:
         for name in available_suites():
             s = load_suite(name)

@@ -243,8 +243,8 @@ dpengine bench                      # the default suite (configs/bench/default.t
 dpengine bench --quick              # the quick suite, about 3 minutes on 2 CPU cores
 dpengine bench --suite gpu          # GPU-sized models (GPT-2 small shape), CUDA only; adds the fused mode
 dpengine bench --suite hf           # Hugging Face GPT2LMHeadModel built from a config
-dpengine bench --accounting         # only the accounting micro-benchmark
-dpengine bench --rounds 7 --steps 20 --threads 2 --output-dir benchmarks
+dpengine bench --accounting-only    # only the accounting micro-benchmark
+dpengine bench --rounds 7 --steps 20 --threads 2 --output-dir benchmarks   # results you mean to commit
 ```
 
 Every (model, mode, batch, precision) configuration runs in a fresh subprocess (`python -m dpengine.bench.worker

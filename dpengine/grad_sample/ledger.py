@@ -66,6 +66,10 @@ class BatchLedger:
         self.batches_accumulated = self.repeated_batches = 0
         return out
 
+    def peek_clipped_sums(self) -> dict[nn.Parameter, Tensor]:
+        """Copies of the clipped sums accumulated since the last step (for debugging; nothing is popped)."""
+        return {p: t.detach().clone() for p, t in self._summed.items()}
+
     def pop_unclipped_sums(self) -> dict[nn.Parameter, Tensor]:
         """The unclipped sums (error feedback) since the last pop; none unless the source forms them."""
         return {}

@@ -125,3 +125,73 @@ def test_console_script_subprocess() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["epsilon"] == pytest.approx(2.10132, abs=1e-5)
+
+
+def test_batch_size_uses_make_privates_sample_rate_and_steps() -> None:
+    """q = 1 / len(loader) and one epoch = len(loader) steps, as make_private_with_epsilon plans them."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from dpengine import PrivacyEngine
+
+    code, out = run("--epsilon", "3", "--dataset-size", "1437", "--batch-size", "128", "--epochs", "20",
+                    "--delta", "1e-5", "--json")
+    assert code == 0, out
+    data = json.loads(out)
+    assert data["sample_rate"] == pytest.approx(1 / 12) and data["steps"] == 240
+    assert any("ceil(N / B)" in n for n in data["notes"])
+    model = torch.nn.Linear(3, 2)
+    loader = DataLoader(TensorDataset(torch.randn(1437, 3), torch.zeros(1437, dtype=torch.long)), batch_size=128)
+    _, opt, dl = PrivacyEngine().make_private_with_epsilon(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=loader,
+        target_epsilon=3.0, target_delta=1e-5, epochs=20, max_grad_norm=1.0)
+    assert dl.sample_rate == pytest.approx(data["sample_rate"])
+    assert opt.noise_multiplier == pytest.approx(data["noise_multiplier"], rel=1e-6)
+
+
+def test_solved_batch_size_fits_with_loader_definition() -> None:
+    code, out = run("--epsilon", "3", "--dataset-size", "60000", "--noise-multiplier", "1.1", "--epochs", "60", "--json")
+    assert code == 0, out
+    data = json.loads(out)
+    b = data["batch_size"]
+    assert data["sample_rate"] == pytest.approx(1 / -(-60000 // b))
+    assert get_epsilon(1.1, data["sample_rate"], data["steps"], data["delta"]) <= 3.0
+    # one more record per batch would not fit (the answer is the largest batch, not merely a safe one)
+    q1 = 1 / -(-60000 // (b + 1))
+    assert q1 == data["sample_rate"] or get_epsilon(1.1, q1, -(-60 * round(1 / q1)), data["delta"]) > 3.0
+
+
+def test_pld_prints_only_what_applies() -> None:
+    code, out = run("--sample-rate", "0.01", "--noise-multiplier", "1.0", "--steps", "1000", "--delta", "1e-5",
+                    "--accountant", "pld")
+    assert code == 0, out
+    assert "epsilon = 1.82" in out and "classic" not in out and "best order" not in out
+    code, out = run("--sample-rate", "0.01,0.02", "--noise-multiplier", "1.0", "--steps", "1000", "--delta", "1e-5",
+                    "--accountant", "prv")
+    assert code == 0 and "best order" not in out and "prv" in out
+
+
+def test_plot_single_value_draws_epsilon_against_steps(tmp_path: Path) -> None:
+    from dpengine.accounting.budget import _curve
+
+    ts, eps = _curve(1.0, 0.01, 1000, 1e-5, "rdp", 40)
+    assert len(ts) == 40 and ts[-1] == 1000 and all(a < b for a, b in zip(eps, eps[1:]))
+    assert eps[-1] == pytest.approx(get_epsilon(1.0, 0.01, 1000, 1e-5))
+    code, out = run("--sample-rate", "0.01", "--noise-multiplier", "1.0", "--steps", "1000", "--delta", "1e-5",
+                    "--plot", str(tmp_path / "p.png"))
+    assert code == 0 and (tmp_path / "p.png").stat().st_size > 1000, out
+
+
+def test_from_checkpoint_not_a_checkpoint_is_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "model.bin"
+    bad.write_bytes(b"\x80\x04garbage that is neither json nor a checkpoint")
+    code, out = run("--from-checkpoint", str(bad), "--delta", "1e-5")
+    assert code == 2 and "Traceback" not in out
+    assert out.strip().count("\n") == 0 and "neither a JSON accountant state nor a torch checkpoint" in out
+
+
+def test_piped_output_is_not_wrapped() -> None:
+    code, out = run("--epsilon", "3", "--dataset-size", "1437", "--batch-size", "128", "--epochs", "20")
+    assert code == 0
+    assert any(line.startswith("With --dataset-size N") and line.rstrip().endswith("<= B).")
+               for line in out.splitlines()), out

@@ -154,7 +154,7 @@ def test_epsilon_rises_with_q(sigma: float, q: float, factor: float, steps: int,
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.lists(st.tuples(sigmas, rates, st.integers(0, 1000)), max_size=5), st.sampled_from(["rdp", "pld"]))
+@given(st.lists(st.tuples(sigmas, rates, st.integers(0, 1000)), max_size=5), st.sampled_from(["rdp", "pld", "prv"]))
 def test_state_dict_round_trip(segments: list, name: str) -> None:
     acc = create_accountant(name)
     for s, q, n in segments:
@@ -174,6 +174,26 @@ def test_pld_accountant_tighter_than_rdp() -> None:
     e_rdp, e_pld = rdp.get_epsilon(1e-5), pld.get_epsilon(1e-5)
     assert 0.55 * e_rdp < e_pld < 0.95 * e_rdp
     assert pld.get_privacy_spent(1e-5)[1] is None
+
+
+@pytest.mark.parametrize("sigma,q,steps", [(1.1, 256 / 60000, 14063), (1.0, 0.01, 1000), (2.0, 0.1, 500),
+                                           (0.8, 0.001, 100)])
+def test_prv_accountant_against_opacus_prv(sigma: float, q: float, steps: int) -> None:
+    """"prv" (Opacus' default name) is computed by dp-accounting's pessimistic PLD: an upper bound on the
+    true epsilon (never below the optimistic PLD of the same mechanism), close to Opacus' PRV estimate."""
+    from opacus.accountants import PRVAccountant as OpacusPRV
+
+    ours = create_accountant("prv")
+    ours.step(noise_multiplier=sigma, sample_rate=q, num_steps=steps)
+    eps = ours.get_epsilon(1e-5)
+    theirs = OpacusPRV()
+    theirs.history = [(sigma, q, steps)]
+    eps_opacus = theirs.get_epsilon(1e-5)
+    assert 0.9 * eps_opacus <= eps <= eps_opacus * 1.01
+    assert eps >= pld_optimistic_eps(sigma, q, steps, 1e-5) * (1 - 1e-9)
+    pld = create_accountant("pld")
+    pld.load_state_dict(ours.state_dict())
+    assert pld.get_epsilon(1e-5) == eps and ours.state_dict()["accountant"] == "prv"
 
 
 def test_validation_messages() -> None:
