@@ -1,4 +1,4 @@
-"""The ``dpengine`` command line: ``budget``, ``train`` and ``bench``.
+"""The ``dpengine`` command line: ``budget``, ``train``, ``bench`` and ``audit``.
 
 Subcommands are imported lazily so that ``dpengine budget`` never pays for importing torch.
 """
@@ -14,6 +14,7 @@ _SUBCOMMANDS = {
     "budget": ("dpengine.accounting.budget", "budget", "Privacy budget calculator (RDP/PLD accounting)."),
     "train": ("dpengine.train", "train", "Config-driven private training (the main job)."),
     "bench": ("dpengine.bench.cli", "bench", "Per-sample clipping throughput and memory benchmark."),
+    "audit": ("dpengine.audit", "audit", "Empirical privacy audit: an epsilon lower bound from canaries."),
 }
 
 
