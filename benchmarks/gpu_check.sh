@@ -9,9 +9,10 @@
 # --no-index --no-deps (only if it is not importable), Opacus from wheels in .whl/ if the machine lacks it
 # (without it the Opacus rows say "skipped: opacus is not installed"); torch is never touched.
 #
-# Time guards: the whole script keeps to GPU_CHECK_BUDGET_S (default 390 s; at worst about 405 s, under 7
-# minutes). Every part runs under `timeout` (SIGTERM, then SIGKILL 15 s later): environment 45 s, install
-# 90 s, tests 90 s, the benchmark what is left minus 45 s kept for its report, and each benchmark
+# Time guards: the whole script keeps to GPU_CHECK_BUDGET_S (default 420 s; at worst about 435 s, under
+# 7.5 minutes). Every part runs under `timeout` (SIGTERM, then SIGKILL 15 s later): environment 45 s, install
+# 90 s, fused-kernel tests 100 s, other tests 60 s, the benchmark what is left minus 45 s kept for its
+# report (bf16 GPT-2 small rows first: non-private, bk, fused, fused+per_layer, Opacus), and each benchmark
 # configuration 100 s (worker_timeout_s in the suite). The benchmark appends every result to
 # OUTDIR/results.jsonl the moment it is measured; on SIGTERM it writes its report from what finished, and
 # if it had to be killed the report is rebuilt from that JSONL. At most 7 files land in OUTDIR (the device
@@ -21,7 +22,7 @@ set -u -o pipefail
 OUTDIR=${1:?usage: bash benchmarks/gpu_check.sh OUTDIR}
 mkdir -p "$OUTDIR" && OUTDIR=$(cd "$OUTDIR" && pwd) || exit 2
 cd "$(dirname "$0")/.." || exit 2
-BUDGET=${GPU_CHECK_BUDGET_S:-390}
+BUDGET=${GPU_CHECK_BUDGET_S:-420}
 DRY=${GPU_CHECK_DRY:-0}
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && [ "$DRY" = 1 ] && PY=.venv/bin/python
@@ -113,7 +114,11 @@ if ! "$PY" -c "import dpengine.bench, dpengine.configs.bench" 2>/dev/null; then
 fi
 
 # ---- 3. CUDA-relevant tests ---------------------------------------------------------------------------
-guard 90 tests "$PY" -m pytest -q -x -p no:cacheprovider tests/test_mixed_precision.py tests/test_engine.py
+# The fused kernels against their references and the fused backend against the oracle, compiled on the GPU
+# (one autotune config: few compilations), first; then the mixed-precision and engine tests.
+guard 100 kernel_tests env DPENGINE_TRITON_AUTOTUNE=0 "$PY" -m pytest -q -x -p no:cacheprovider -rs \
+    tests/test_kernels.py tests/test_fused_backend.py
+guard 60 tests "$PY" -m pytest -q -x -p no:cacheprovider tests/test_mixed_precision.py tests/test_engine.py
 
 # ---- 4. benchmark suite ---------------------------------------------------------------------------------
 SUITE=gpu_check
@@ -130,14 +135,14 @@ device = "cpu"
 accounting = false
 worker_timeout_s = 100
 precisions = ["bf16", "tf32"]
-modes = ["nonprivate", "bk", "ghost", "opacus-ghost", "opacus-hooks"]
+modes = ["nonprivate", "bk", "fused", "fused+per_layer", "opacus-ghost", "opacus-hooks"]
 
 [[model]]
 name = "gpt2-small"
 batch = [2]
 params = { vocab = 64, seq_len = 16, d = 16, layers = 2, heads = 2 }
 precisions = ["bf16"]
-modes = ["nonprivate", "bk", "ghost", "opacus-ghost"]
+modes = ["nonprivate", "bk", "fused", "opacus-ghost"]
 
 [[model]]
 name = "gpt"
@@ -165,7 +170,7 @@ fi
 # ---- summary ------------------------------------------------------------------------------------------
 say "summary"
 [ -s "$OUTDIR/results_table.md" ] && cat "$OUTDIR/results_table.md"
-for part in env install tests bench report; do
+for part in env install kernel_tests tests bench report; do
     [ -n "${RC[$part]:-}" ] && printf '%s: %s\n' "$part" "${RC[$part]}"
 done
 ls -l "$OUTDIR"

@@ -88,6 +88,40 @@ class PoissonBatchSampler(Sampler[list[int]]):
             yield batch
 
 
+class ShardedPoissonBatchSampler(PoissonBatchSampler):
+    """Poisson sampling of one rank's shard for data-parallel training: over all ranks, each record of the
+    dataset is included in each step with probability ``sample_rate``, independently, by exactly one rank.
+
+    Rank ``rank`` of ``world_size`` owns the records ``rank, rank + world_size, ...`` (disjoint shards that
+    cover the dataset, no padding: DistributedSampler's padding would repeat records). Its batches hold the
+    included records of its shard only, and may be empty. Every rank yields ``steps`` batches.
+
+    Randomness: with a ``torch.Generator`` (not secure), each rank draws the float64 uniforms of *all*
+    ``num_samples`` records and keeps its shard's: with the same seed on every rank the union of the ranks'
+    batches is exactly the batch a single-process ``PoissonBatchSampler`` with that seed yields, and with
+    different seeds each record is still decided once, by its owner. ``secure=True`` draws only the shard's
+    decisions, from the OS CSPRNG of each rank (see ``PoissonBatchSampler`` for the exactness of q).
+    """
+
+    def __init__(self, num_samples: int, sample_rate: float, steps: int, generator: torch.Generator | None = None,
+                 *, rank: int, world_size: int, secure: bool = False):
+        positive(world_size=world_size)
+        if not 0 <= rank < world_size:
+            raise ValueError(f"Expected rank={rank!r} in [0, {world_size}).")
+        if num_samples < world_size:
+            raise ValueError(f"{num_samples} records cannot be sharded over {world_size} ranks (every rank needs at "
+                             "least one record of its own).")
+        super().__init__(len(range(rank, num_samples, world_size)), sample_rate, steps, generator, secure=secure,
+                         indices=range(rank, num_samples, world_size))
+        self.total_samples, self.rank, self.world_size = num_samples, rank, world_size
+
+    def _mask(self) -> torch.Tensor:
+        if self.secure:
+            return super()._mask()  # this shard's decisions only, from the OS CSPRNG
+        uniforms = torch.rand(self.total_samples, dtype=torch.float64, generator=self.generator)
+        return uniforms[self.rank::self.world_size] < self._cutoff
+
+
 def _needs_collate_fn(why: str) -> ValueError:
     return ValueError(f"Poisson sampling yields empty batches, and {why}. Give the DataLoader a collate_fn that "
                       "accepts an empty list and returns an empty batch.")
@@ -220,6 +254,21 @@ def _poisson_domain(data_loader: DataLoader) -> list[int] | None:
     return sorted(ids)
 
 
+def _distributed_domain(data_loader: DataLoader) -> None:
+    """Raises ValueError unless ``data_loader`` is a map-style loader whose batches come from a plain
+    BatchSampler over a DistributedSampler (which per-rank Poisson sampling of the whole dataset replaces)."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    dataset = data_loader.dataset
+    if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
+        raise ValueError(f"Poisson sampling needs a map-style dataset (with __len__ and __getitem__); got "
+                         f"{type(dataset).__name__}.")
+    batch_sampler = data_loader.batch_sampler
+    if type(batch_sampler) is not BatchSampler or not isinstance(batch_sampler.sampler, DistributedSampler):
+        raise ValueError("Data-parallel Poisson sampling replaces a DataLoader(dataset, batch_size=..., "
+                         "sampler=DistributedSampler(dataset)); got another sampler or batch_sampler.")
+
+
 class DPDataLoader(DataLoader):
     """A DataLoader over the same dataset with Poisson sampling; one epoch = ``len(original)`` steps."""
 
@@ -231,27 +280,43 @@ class DPDataLoader(DataLoader):
 
     @classmethod
     def from_data_loader(cls, data_loader: DataLoader, generator: torch.Generator | None = None,
-                         secure: bool = False) -> "DPDataLoader":
+                         secure: bool = False, shard: tuple[int, int] | None = None) -> "DPDataLoader":
         """Replace ``data_loader``'s sampling with Poisson sampling at q = 1 / len(data_loader).
 
         A loader with a SubsetRandomSampler (or any sampler with ``indices``) is Poisson-sampled within those
         indices; a RandomSampler or SequentialSampler over the whole dataset, over all of it. ``secure`` draws
         from the OS CSPRNG (see ``PoissonBatchSampler``).
 
+        ``shard=(rank, world_size)`` (data-parallel training; the loader samples with a DistributedSampler):
+        this rank Poisson-samples its own disjoint shard of the whole dataset (``ShardedPoissonBatchSampler``)
+        at the same q = 1 / len(data_loader), so over all ranks each record is included with probability q,
+        once. ``expected_batch_size`` is then the *global* q * len(dataset), summed over the ranks.
+
         Raises:
             ValueError: for an iterable dataset, ``batch_size=None``, another sampler or batch_sampler, or a
                 collate function that cannot build an empty batch; each message names the fix.
         """
         dataset = data_loader.dataset
-        indices = _poisson_domain(data_loader)
-        n = len(dataset) if indices is None else len(indices)  # type: ignore[arg-type]
+        if shard is None:
+            indices = _poisson_domain(data_loader)
+            n = len(dataset) if indices is None else len(indices)  # type: ignore[arg-type]
+        else:
+            _distributed_domain(data_loader)
+            indices, n = None, len(dataset)  # type: ignore[arg-type]
         steps = len(data_loader)
         if steps == 0:
             raise ValueError("The data loader has no batches (drop_last=True with batch_size > len(dataset)?).")
         sample_rate = 1.0 / steps  # as Opacus: expected batch size n / len(loader)
+        if shard is None:
+            batch_sampler: PoissonBatchSampler = PoissonBatchSampler(n, sample_rate, steps, generator, secure=secure,
+                                                                     indices=indices)
+        else:
+            batch_sampler = ShardedPoissonBatchSampler(n, sample_rate, steps, generator, rank=shard[0],
+                                                       world_size=shard[1], secure=secure)
+            indices = [shard[0]]  # the first record of this rank's shard: the empty batch's template
         loader = cls(
             dataset,
-            batch_sampler=PoissonBatchSampler(n, sample_rate, steps, generator, secure=secure, indices=indices),
+            batch_sampler=batch_sampler,
             collate_fn=_empty_safe_collate(dataset, 0 if indices is None else indices[0], data_loader.collate_fn),
             num_workers=data_loader.num_workers,
             pin_memory=data_loader.pin_memory,

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from . import accounting
 from ._validate import non_negative, one_of
 from .clipping import ClippingMode, ClippingPolicy, LipschitzBounds, amplified, make_policy
+from . import distributed
 from .data import DPDataLoader
 from .grad_sample.controller import GradSampleController, GradSampleMode, LossReduction, trainable_layers
 from .noise import GaussianNoise
@@ -92,7 +93,9 @@ class PrivacyEngine:
         ``optimizer.clipped_grads_for_debugging()`` (copies; not private).
 
         Args:
-            module: the model; every trainable layer must have a handler (see ``dpengine.validate``).
+            module: the model; every trainable layer must have a handler (see ``dpengine.validate``). For
+                data-parallel training, a ``DistributedDataParallel`` wrapper (returned as given) or the plain
+                model, with a ``DistributedSampler`` loader; see ``dpengine.distributed``.
             optimizer: any torch optimizer over the model's trainable parameters.
             data_loader: the training loader; with ``poisson_sampling`` it is replaced by a loader that
                 includes each example independently with probability q = 1 / len(data_loader).
@@ -108,7 +111,9 @@ class PrivacyEngine:
                 ``error_max_grad_norm``) or "lipschitz" (no clipping: a network of ``dpengine.lipschitz``
                 layers whose per-sample gradients are bounded analytically; ``loss_lipschitz``,
                 ``input_bound``, ``input_shape``; no max_grad_norm). See ``dpengine.clipping``.
-            grad_sample_mode: "hooks" (materialized reference), "ghost" (Gram norms) or "bk" (book-keeping).
+            grad_sample_mode: "hooks" (materialized reference), "ghost" (Gram norms), "bk" (book-keeping) or
+                "fused" (bk with Triton kernels for Linear/Conv1D layers, CUDA; the others stay on bk and are
+                listed in a ``FusedFallbackWarning``; see ``dpengine.grad_sample.fused.fused_plan``).
             poisson_sampling: replace the loader's sampling by Poisson sampling (what the accountant assumes).
             loss_reduction: "mean" or "sum", how the loss reduces over the batch.
             epsilon_budget: optional ``(epsilon, delta)``: any step after which epsilon would exceed the
@@ -128,6 +133,20 @@ class PrivacyEngine:
         one_of([r.value for r in LossReduction], loss_reduction=loss_reduction)
         if self.controller is not None:
             raise RuntimeError("This PrivacyEngine is already attached to a model; use one engine per model.")
+        # data-parallel training (dpengine/distributed.py): capture goes on ddp.module, the ranks must agree
+        user_module = module
+        module, dctx = distributed.prepare(user_module, data_loader)
+        if dctx is not None:
+            dctx.check_consistent(module, {
+                "dataset_size": len(data_loader.dataset), "batches_per_epoch": len(data_loader),  # type: ignore
+                "sample_rate": 1.0 / len(data_loader) if poisson_sampling else None,
+                "batch_size": data_loader.batch_size, "noise_multiplier": float(noise_multiplier),
+                "max_grad_norm": repr(max_grad_norm), "clipping": clipping, "grad_sample_mode": grad_sample_mode,
+                "clipping_options": {k: v if isinstance(v, (int, float, str, bool, type(None))) else type(v).__name__
+                                     for k, v in sorted(clipping_options.items())},
+                "loss_reduction": loss_reduction, "poisson_sampling": poisson_sampling,
+                "secure_mode": self.secure_mode, "accountant": self.accountant_name,
+                "epsilon_budget": epsilon_budget, "ddp": module is not user_module})
         if module in _PRIVATE_MODULES:
             raise RuntimeError("This model is already private (an earlier make_private attached its capture to it); "
                                "a second engine would stack another set of hooks. Use the first engine's "
@@ -154,7 +173,10 @@ class PrivacyEngine:
             if self._sampling_seed is not None:
                 gen = torch.Generator()
                 gen.manual_seed(self._sampling_seed)
-            data_loader = DPDataLoader.from_data_loader(data_loader, generator=gen, secure=self.secure_mode)
+            data_loader = DPDataLoader.from_data_loader(
+                data_loader, generator=gen, secure=self.secure_mode,
+                shard=None if dctx is None else (dctx.rank, dctx.world_size))
+            # with shard=, the global expected batch: q times the whole dataset, summed over the ranks
             sample_rate, expected_batch_size = data_loader.sample_rate, data_loader.expected_batch_size
         else:
             if data_loader.batch_size is None:
@@ -162,7 +184,7 @@ class PrivacyEngine:
             warnings.warn("poisson_sampling=False: the accountant assumes Poisson sampling, which shuffled "
                           "fixed-size batches do not provide; the reported epsilon is not a proven guarantee "
                           "for this loader.", stacklevel=2)
-            expected_batch_size = float(data_loader.batch_size)
+            expected_batch_size = float(data_loader.batch_size) * (1 if dctx is None else dctx.world_size)
             sample_rate = expected_batch_size / len(data_loader.dataset)  # type: ignore[arg-type]
 
         if lipschitz:
@@ -184,10 +206,14 @@ class PrivacyEngine:
         self.optimizer = DPOptimizer(
             optimizer, controller=self.controller, noise_multiplier=noise_multiplier,
             policy=policy, expected_batch_size=expected_batch_size, sample_rate=sample_rate,
-            loss_reduction=LossReduction(loss_reduction), noise=self.noise, accountant=self.accountant)
+            loss_reduction=LossReduction(loss_reduction), noise=self.noise, accountant=self.accountant,
+            distributed=dctx)
+        if dctx is not None:
+            dctx.attach(module)  # DDP's reducer made inert, no_sync watched (after every check passed)
+        self._distributed = dctx
         if epsilon_budget is not None:
             self.optimizer.set_budget(*epsilon_budget)
-        return module, self.optimizer, data_loader
+        return user_module, self.optimizer, data_loader
 
     @staticmethod
     def _policy(module: nn.Module, clipping: str, max_grad_norm: Any, expected_batch_size: float,
@@ -340,5 +366,7 @@ class PrivacyEngine:
             self.controller.detach()
             self.controller = None
             _PRIVATE_MODULES.discard(self._module)
+        if getattr(self, "_distributed", None) is not None:
+            self._distributed.detach()  # DDP's reducer stays inert: wrap the model in a new DDP to train it
         if self.optimizer is not None:
             self.optimizer.detached = True

@@ -76,6 +76,7 @@ class DPOptimizer(Optimizer):
         loss_reduction: LossReduction,
         noise: GaussianNoise,
         accountant: Any,
+        distributed: Any = None,
     ) -> None:
         # Optimizer.__init__ registers the same param-group dicts (no copies) and sets up hook dicts.
         super().__init__(optimizer.param_groups, optimizer.defaults)
@@ -90,6 +91,8 @@ class DPOptimizer(Optimizer):
         controller.output_scale = 1.0 / self.expected_batch_size if loss_reduction is LossReduction.MEAN else 1.0
         self.noise = noise
         self.accountant = accountant
+        #: ``dpengine.distributed.DistributedContext`` for data-parallel training (None: one process)
+        self.distributed = distributed
         self._skip_next = False
         self._keep_grads = False
         self._warned_debug = False
@@ -274,13 +277,32 @@ class DPOptimizer(Optimizer):
         # the clipped sums already carry the 1 / expected batch size of a mean reduction (the controller
         # folds it into the per-sample factors), so the noise is scaled the same way: no extra pass
         # error feedback adds its clipped error state to the release here (and updates it, un-noised)
+        # data-parallel (dpengine/distributed.py): rank 0 adds the noise to its own sums and one sum all-reduce
+        # releases sum over ranks + one draw to every rank; error feedback's release needs the global sums, so
+        # they are reduced first, combined identically on every rank, and rank 0's noisy release broadcast
+        dist = self.distributed
+        tensors = [g for _, g in grads]
+        if dist is not None and self.policy.needs_unclipped:
+            unclipped = {p: unclipped[p].contiguous() if p in unclipped else torch.zeros_like(g) for p, g in grads}
+            dist.all_reduce_(tensors + [unclipped[p] for p, _ in grads])
         self.policy.combine(grads, unclipped, self.expected_batch_size * self.controller.output_scale)
         stds = self.policy.noise_stds([p for p, _ in grads], self.noise_multiplier)
-        if len(set(stds)) <= 1:
-            self.noise.add_([g for _, g in grads], (stds[0] if stds else 0.0) * self.controller.output_scale)
-        else:  # per-parameter noise (Lipschitz)
-            for (_, g), std in zip(grads, stds):
-                self.noise.add_([g], std * self.controller.output_scale)
+
+        def add_noise() -> None:
+            if len(set(stds)) <= 1:
+                self.noise.add_(tensors, (stds[0] if stds else 0.0) * self.controller.output_scale)
+            else:  # per-parameter noise (Lipschitz)
+                for g, std in zip(tensors, stds):
+                    self.noise.add_([g], std * self.controller.output_scale)
+
+        if dist is None:
+            add_noise()
+        elif self.policy.needs_unclipped:
+            if dist.rank == 0:
+                add_noise()
+            dist.broadcast_(tensors)
+        else:
+            dist.noisy_sum_(tensors, add_noise)
         for p, grad in grads:
             # sums of low-precision parameters are kept and noised in float32; rounding the noisy sum
             # to the parameter's dtype is post-processing
@@ -309,7 +331,13 @@ class DPOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         problem = self.controller.step_problem(in_virtual_steps=self._in_virtual_steps)
+        if self.distributed is not None:
+            problem = problem or self.distributed.step_problem(self._in_virtual_steps)
+            if not self._skip_next:  # each rank's last chunk of the logical batch: the ranks refuse or step together
+                problem = self.distributed.agree(problem)
         if problem is not None:  # checked on every chunk: a repeated chunk is refused before it accumulates
+            if self.distributed is not None:
+                self.distributed.reset()
             self.controller.clear()
             self._skip_next = False
             raise RuntimeError(f"The private step was refused and the model is unchanged: {problem}")
@@ -323,7 +351,10 @@ class DPOptimizer(Optimizer):
                           "training; the step itself is still private.", stacklevel=2)
         self._check_budget()
         self._privatize()
-        self.policy.after_step(self.noise, self.expected_batch_size)
+        self.policy.after_step(self.noise if self.distributed is None else self.distributed.count_noise(self.noise),
+                               self.expected_batch_size)
+        if self.distributed is not None:
+            self.distributed.reset()
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
         self.steps_taken += 1
         self._inner_step = True

@@ -10,6 +10,7 @@ from torch.nn.utils import parametrize
 
 from .grad_sample import FALLBACK, find_handler
 from .grad_sample.controller import trainable_layers
+from .layers import DPMultiheadAttention, DPRNNBase, _warn_swapped, swap_reason, swap_unsupported
 
 
 @dataclass(frozen=True)
@@ -35,9 +36,9 @@ class UnsupportedModuleError(ValueError):
 
 _BATCHNORM = ("batch statistics mix samples in the forward (so no per-sample gradient exists) and running "
               "statistics leak data; use dpengine.fix(model) to replace it with GroupNorm")
-_RNN = ("recurrent layers have no per-sample rule in dpengine yet; build the cell from nn.Linear layers")
-_MHA = ("nn.MultiheadAttention reads its out_proj weights directly, bypassing per-layer capture; write "
-        "attention with nn.Linear projections (e.g. F.scaled_dot_product_attention)")
+_SWAPPABLE = ("{kind} computes with its weights inside one fused op, so no per-layer rule sees them; run "
+              "dpengine.fix(model) to swap in {new} (the same function from nn.Linear layers: same outputs, "
+              "same state_dict keys)")
 _BAG = ("nn.EmbeddingBag has no per-sample rule in dpengine (with offsets the batch is packed into one "
         "dimension); use nn.Embedding on padded token ids followed by a masked sum or mean")
 _PARAMETRIZED = ("its parameters are computed by torch.nn.utils.parametrize (weight_norm, spectral_norm, ...) outside "
@@ -63,10 +64,11 @@ def validate(module: nn.Module) -> list[Problem]:
         running = [n for n, _ in layer.named_buffers(recurse=False) if n.startswith("running_")]
         if isinstance(layer, nn.modules.batchnorm._BatchNorm):
             problems.append(Problem(name, kind, _BATCHNORM))
-        elif isinstance(layer, nn.MultiheadAttention) and trainable:
-            problems.append(Problem(name, kind, _MHA))
-        elif isinstance(layer, nn.RNNBase) and trainable:
-            problems.append(Problem(name, kind, _RNN))
+        elif isinstance(layer, (nn.MultiheadAttention, nn.RNNBase)) and trainable:
+            replacement, why = swap_reason(layer)
+            if parametrize.is_parametrized(layer):
+                why = _PARAMETRIZED
+            problems.append(Problem(name, kind, why or _SWAPPABLE.format(kind=kind, new=replacement)))
         elif isinstance(layer, nn.EmbeddingBag) and trainable:
             problems.append(Problem(name, kind, _BAG))
         elif parametrize.is_parametrized(layer) and trainable:
@@ -95,11 +97,31 @@ def validate(module: nn.Module) -> list[Problem]:
 
 
 def fix(module: nn.Module) -> nn.Module:
-    """Replace BatchNorm layers with GroupNorm (in place; returns the module).
+    """Swap layers dpengine cannot train privately for equivalents it can (in place; returns the module).
 
-    The GroupNorm uses the largest group count <= 32 that divides the channel count, and copies the
-    affine parameters so a pretrained model keeps its scale and shift.
+    * ``nn.MultiheadAttention`` -> :class:`dpengine.layers.DPMultiheadAttention`, ``nn.RNN`` / ``nn.GRU`` /
+      ``nn.LSTM`` -> :class:`~dpengine.layers.DPRNN` / ``DPGRU`` / ``DPLSTM``: the same function built from
+      ``nn.Linear`` layers, same outputs and ``state_dict`` keys, holding the same parameter objects (only the
+      q/k/v biases of an attention with ``kdim``/``vdim`` are new tensors). Frozen ones are left as they are.
+    * BatchNorm -> GroupNorm with the largest group count <= 32 that divides the channel count, copying
+      the affine parameters so a pretrained model keeps its scale and shift.
+
+    A warning lists every attention and recurrent layer swapped. Create the optimizer after ``fix``. If
+    ``module`` itself is such a layer, its replacement is returned (the argument is left unchanged).
     """
+    replacement, _ = swap_reason(module)
+    if replacement is not None and any(p.requires_grad for p in module.parameters()) \
+            and not parametrize.is_parametrized(module):
+        new = (DPMultiheadAttention.from_torch(module) if isinstance(module, nn.MultiheadAttention)
+               else DPRNNBase.from_torch(module))
+        _warn_swapped([("", type(module).__name__, type(new).__name__)])
+        return new
+    _warn_swapped(swap_unsupported(module))
+    _fix_batchnorm(module)
+    return module
+
+
+def _fix_batchnorm(module: nn.Module) -> None:
     for name, child in list(module.named_children()):
         if isinstance(child, nn.modules.batchnorm._BatchNorm):
             c = child.num_features
@@ -113,5 +135,4 @@ def fix(module: nn.Module) -> nn.Module:
                 gn.requires_grad_(child.weight.requires_grad)
             setattr(module, name, gn)
         else:
-            fix(child)
-    return module
+            _fix_batchnorm(child)

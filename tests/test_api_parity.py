@@ -3,6 +3,8 @@ help/dir, and the context-manager form of VirtualSteps."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -136,3 +138,65 @@ def test_prv_accountant_is_accepted_like_opacus():
             F.cross_entropy(model(x), y).backward()
         private.step()
     assert engine.accountant.name == "prv" and 0 < engine.get_epsilon(1e-5) <= 3.0
+
+
+def test_ghost_warns_once_when_the_gram_form_costs_far_more_than_materializing():
+    """A 32x32 convolution under ghost: T (d + p) / (p d) = 1024 * 59 / 864 ~ 70x; bk stays silent, and so
+    does ghost on a layer whose Gram form is cheap (a short sequence)."""
+    import warnings as _w
+
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.Flatten(), nn.Linear(32 * 32 * 32, 2))
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 2, (4,))
+    dl = DataLoader(TensorDataset(x, y), batch_size=4)
+    for mode, expect in (("ghost", True), ("bk", False)):
+        model = copy.deepcopy(conv)
+        engine = PrivacyEngine(seed=0)
+        model, opt, _ = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                            data_loader=dl, noise_multiplier=0.0, max_grad_norm=1.0,
+                                            grad_sample_mode=mode, poisson_sampling=False)
+        with _w.catch_warnings(record=True) as got:
+            _w.simplefilter("always")
+            for _ in range(2):
+                F.cross_entropy(model(x), y).backward()
+                opt.step()
+                opt.zero_grad()
+        ghost = [w for w in got if "Gram-form norm of layer '0'" in str(w.message)]
+        assert len(ghost) == (1 if expect else 0), [str(w.message) for w in got]
+        if expect:
+            assert "about 70x" in str(ghost[0].message) and "bk" in str(ghost[0].message)
+    mlp = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 2))
+    engine = PrivacyEngine(seed=0)
+    mlp, opt, _ = engine.make_private(module=mlp, optimizer=torch.optim.SGD(mlp.parameters(), lr=0.1),
+                                      data_loader=DataLoader(TensorDataset(torch.randn(4, 8), y), batch_size=4),
+                                      noise_multiplier=0.0, max_grad_norm=1.0, grad_sample_mode="ghost",
+                                      poisson_sampling=False)
+    with _w.catch_warnings(record=True) as got:
+        _w.simplefilter("always")
+        F.cross_entropy(mlp(torch.randn(4, 8)), y).backward()
+    assert not [w for w in got if "Gram-form" in str(w.message)]
+
+
+def test_batch_size_mismatch_names_the_offending_layer_first_and_briefly():
+    """Without the private loader (batch size unknown), a layer whose dimension 0 differs from the others is
+    named first, with the likely fixes, instead of a list of every layer."""
+
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(*[nn.Linear(6, 6) for _ in range(12)])
+            self.side = nn.Linear(6, 1)
+
+        def forward(self, x):
+            return self.body(x).sum(1) + self.side(x[:2]).sum()
+
+    model = Odd()
+    dl = DataLoader(TensorDataset(torch.randn(8, 6)), batch_size=4)
+    engine = PrivacyEngine(seed=0)
+    model, opt, _ = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                        data_loader=dl, noise_multiplier=0.0, max_grad_norm=1.0)
+    with pytest.raises(dpengine.grad_sample.registry.PerSampleGradientError) as err:
+        model(torch.randn(4, 6)).sum().backward()
+    msg = str(err.value)
+    assert msg.startswith("'side' saw 2, while the other tracked layers saw a batch of 4")
+    assert "batch_first=True" in msg and len(msg) < 500

@@ -92,3 +92,250 @@ def test_config_errors_are_one_clean_line(tmp_path):
     broken.write_text("[training\n")
     res = CliRunner().invoke(train, [str(broken), "--no-progress"])
     assert res.exit_code != 0 and "Traceback" not in res.output and str(broken) in res.output
+
+
+# ------------------------------------------------------------------ issue #15: built-ins, user factories, docs
+import math  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+import uuid  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+from dpengine.config import SECTIONS, TrainConfig, packaged_config_path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _one_line_error(res, *needles: str) -> None:
+    assert res.exit_code != 0, res.output
+    assert "Traceback" not in res.output, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert len(lines) == 1, res.output
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+def test_reference_config_is_the_defaults_and_documents_every_key():
+    text = (ROOT / "configs" / "reference.toml").read_text()
+    assert load_config(ROOT / "configs" / "reference.toml") == TrainConfig()
+    documented: dict[str, set[str]] = {}
+    section = None
+    for line in text.splitlines():
+        if m := re.match(r"^\[(\w+)\]\s*$", line):
+            section = m.group(1)
+            documented[section] = set()
+        elif section and (m := re.match(r"^#?\s*(\w+)\s*=", line)):
+            documented[section].add(m.group(1))
+    for name, cls in SECTIONS.items():
+        fields = {f.name for f in dataclasses.fields(cls)}
+        assert fields - documented.get(name, set()) == set(), f"[{name}] keys missing from configs/reference.toml"
+        assert documented[name] - fields == set(), f"[{name}] documents keys that do not exist"
+
+
+def test_help_names_the_packaged_default_and_reference():
+    res = CliRunner().invoke(train, ["--help"])
+    assert res.exit_code == 0
+    flat = " ".join(res.output.split())
+    assert packaged_config_path("default") in flat and packaged_config_path("reference") in flat
+    assert "factory" in flat and "sequence_transformer" in flat
+
+
+_N_TRAIN = {"digits": 1437, "breast_cancer": 455, "sequence": 320}
+
+
+def _tiny(dataset: str, kind: str, mode: str, clipping: str = "flat") -> TrainConfig:
+    """One epoch of three steps (each new Poisson batch size costs the conv handler a timing run)."""
+    data = {"dataset": dataset}
+    if dataset == "sequence":
+        data["samples"] = 400
+    return parse_config({"data": data, "model": {"kind": kind},
+                         "training": {"epochs": 1, "batch_size": math.ceil(_N_TRAIN[dataset] / 3)},
+                         "privacy": {"grad_sample_mode": mode, "clipping": clipping}})
+
+
+@pytest.mark.filterwarnings("ignore:grad_sample_mode='ghost'")  # ghost warns that a conv costs more than bk
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "bk"])
+@pytest.mark.parametrize("dataset,kind", [("digits", "mlp"), ("digits", "cnn"), ("breast_cancer", "mlp"),
+                                          ("sequence", "transformer")])
+def test_every_builtin_combination_trains(dataset, kind, mode):
+    res = run(_tiny(dataset, kind, mode), private=True, progress=False)
+    assert res.steps == 3
+    assert 2.5 < res.epsilon <= 3.0 and res.noise_multiplier > 0.5
+    assert 0.0 <= res.test_accuracy <= 1.0
+
+
+def test_lipschitz_mlp_on_breast_cancer_trains():
+    res = run(_tiny("breast_cancer", "lipschitz_mlp", "bk", clipping="lipschitz"), private=True, progress=False)
+    assert res.steps == 3 and 0 < res.epsilon <= 3.0
+
+
+def test_sequence_task_is_deterministic_and_its_label_is_the_most_frequent_token():
+    from dpengine.train import sequence_task
+
+    x, y = sequence_task(300, 16, 12, seed=3)
+    x2, y2 = sequence_task(300, 16, 12, seed=3)
+    assert torch.equal(x, x2) and torch.equal(y, y2) and not torch.equal(x, sequence_task(300, 16, 12, 4)[0])
+    for row, label in zip(x.tolist(), y.tolist()):
+        counts = [row.count(k) for k in range(3)]
+        assert label == counts.index(max(counts))
+    assert set(y.tolist()) == {0, 1, 2}
+
+
+@pytest.mark.parametrize("dataset,kind", [("breast_cancer", "cnn"), ("digits", "transformer"),
+                                          ("sequence", "mlp"), ("sequence", "cnn")])
+def test_incompatible_builtins_are_refused_at_load(dataset, kind, tmp_path):
+    with pytest.raises(ValueError, match=f"model kind = '{kind}' takes"):
+        parse_config({"data": {"dataset": dataset}, "model": {"kind": kind}})
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(f'[data]\ndataset = "{dataset}"\n[model]\nkind = "{kind}"\n')
+    _one_line_error(CliRunner().invoke(train, [str(cfg), "--no-progress"]), str(cfg), kind, dataset)
+
+
+def test_shipped_example_configs_load():
+    for name, (dataset, kind) in {"breast_cancer": ("breast_cancer", "mlp"), "cnn_digits": ("digits", "cnn"),
+                                  "sequence_transformer": ("sequence", "transformer")}.items():
+        cfg = load_config(name)  # by packaged name
+        assert cfg == load_config(ROOT / "configs" / f"{name}.toml")
+        assert (cfg.data.dataset, cfg.model.kind) == (dataset, kind)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,band", [("breast_cancer", 0.90), ("cnn_digits", 0.85),
+                                       ("sequence_transformer", 0.75)])
+def test_shipped_example_configs_learn(name, band):
+    res = run(load_config(name), private=True, progress=False)
+    assert res.epsilon <= 3.0 and res.test_accuracy >= band
+
+
+def test_unknown_config_name_is_one_line():
+    _one_line_error(CliRunner().invoke(train, ["no_such_config", "--no-progress"]), "no_such_config",
+                    "breast_cancer")
+
+
+def test_clipping_override_to_lipschitz_refuses_a_cnn():
+    _one_line_error(CliRunner().invoke(train, ["cnn_digits", "--clipping", "lipschitz", "--no-progress"]),
+                    "--clipping lipschitz", "lipschitz_mlp")
+
+
+@pytest.fixture
+def user_pkg(tmp_path, monkeypatch):
+    """A fresh, uniquely named user package under tmp_path/project (the cwd), configs in tmp_path/cfg."""
+    name = f"userpkg_{uuid.uuid4().hex[:8]}"
+    project = tmp_path / "project"
+    (project / name).mkdir(parents=True)
+    (project / name / "__init__.py").write_text("")
+    (project / name / "models.py").write_text(
+        "from torch import nn\n"
+        "CONST = 3\n"
+        "def build():\n"
+        "    return nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 3))\n"
+        "def sized(input_shape, num_classes, width=8):\n"
+        "    return nn.Sequential(nn.Linear(input_shape[0], width), nn.Tanh(), nn.Linear(width, num_classes))\n"
+        "def not_a_module():\n"
+        "    return 'model'\n")
+    (project / name / "data.py").write_text(
+        "import torch\n"
+        "from torch.utils.data import TensorDataset\n"
+        "def load(seed, n=600):\n"
+        "    g = torch.Generator().manual_seed(seed)\n"
+        "    y = torch.randint(0, 3, (n,), generator=g)\n"
+        "    x = torch.randn(n, 10, generator=g) + torch.nn.functional.one_hot(y, 10).float() * 3\n"
+        "    return TensorDataset(x[:500], y[:500]), TensorDataset(x[500:], y[500:])\n"
+        "def one_split():\n"
+        "    return load(0)[0]\n"
+        "def float_targets():\n"
+        "    tr, te = load(0)\n"
+        "    return TensorDataset(tr.tensors[0], tr.tensors[1].float()), te\n")
+    (tmp_path / "cfg").mkdir()
+    monkeypatch.chdir(project)
+    yield name, tmp_path / "cfg"
+    for mod in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+        del sys.modules[mod]
+
+
+def _write(cfg_dir: Path, body: str) -> str:
+    path = cfg_dir / f"job_{uuid.uuid4().hex[:6]}.toml"
+    path.write_text(body)
+    return str(path)
+
+
+def test_user_factories_train_through_the_cli(user_pkg):
+    name, cfg_dir = user_pkg
+    cfg = _write(cfg_dir, f'[data]\nfactory = "{name}.data:load"\noptions = {{ n = 600 }}\n'
+                          f'[model]\nfactory = "{name}.models:build"\n'
+                          '[training]\nepochs = 1\nbatch_size = 100\n[privacy]\ntarget_epsilon = 2.0\n')
+    res = CliRunner().invoke(train, [cfg, "--json", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["config"]["model"]["factory"] == f"{name}.models:build" and out["config"]["model"]["kind"] is None
+    (priv,) = out["runs"]
+    assert priv["steps"] == 5 and 1.9 < priv["epsilon"] <= 2.0
+    text = CliRunner().invoke(train, ["--config", cfg, "--no-progress"])
+    assert text.exit_code == 0 and re.search(r"epsilon 1\.9\d\d at delta 1e-05", text.output), text.output
+
+
+def test_user_model_gets_the_arguments_it_names_and_its_options(user_pkg):
+    name, _ = user_pkg
+    cfg = parse_config({"data": {"factory": f"{name}.data:load"},
+                        "model": {"factory": f"{name}.models:sized", "options": {"width": 5}},
+                        "training": {"epochs": 1, "batch_size": 100}})
+    from dpengine.train import build_model, load_data, import_path
+
+    with import_path([Path.cwd()]):
+        task = load_data(cfg)
+        model = build_model(cfg, task)  # num_classes found by a pass over the labels (no attribute)
+    assert [tuple(p.shape) for p in model.parameters()] == [(5, 10), (5,), (3, 5), (3,)]
+    res = run(cfg, private=True, progress=False)
+    assert res.steps == 5 and 0 < res.epsilon <= 3.0
+
+
+def test_builtin_model_on_user_data_and_user_model_on_builtin_data(user_pkg):
+    name, _ = user_pkg
+    mixed = parse_config({"data": {"factory": f"{name}.data:load"}, "model": {"kind": "mlp", "hidden": [8]},
+                          "training": {"epochs": 1, "batch_size": 100}})
+    assert run(mixed, private=True, progress=False).steps == 5
+    own = parse_config({"data": {"dataset": "breast_cancer"},
+                        "model": {"factory": f"{name}.models:sized", "options": {"width": 4}},
+                        "training": {"epochs": 1}})
+    assert run(own, private=True, progress=False).steps == 4
+    wrong_form = parse_config({"data": {"factory": f"{name}.data:load"}, "model": {"kind": "transformer"}})
+    with pytest.raises(ValueError, match="model kind = 'transformer' takes 1-D integer token sequences"):
+        run(wrong_form, private=True, progress=False)
+
+
+@pytest.mark.parametrize("section,body,needles", [
+    ("model", 'factory = "nosuchmodule_dpe:build"', ["model.factory", "no module named 'nosuchmodule_dpe'"]),
+    ("model", 'factory = "{pkg}.models:buld"', ["model.factory", "has no attribute 'buld'", "build"]),
+    ("model", 'factory = "{pkg}.models:CONST"', ["model.factory", "not callable"]),
+    ("model", 'factory = "{pkg}.models:not_a_module"', ["model.factory", "expected a torch.nn.Module"]),
+    ("model", 'factory = "{pkg}.models:build"\noptions = {{ width = 3 }}',
+     ["model.factory", "unexpected keyword argument 'width'", "[model.options]"]),
+    ("model", 'factory = "{pkg}.models.build"', ["model.factory", "'module.path:function'"]),
+    ("model", 'factory = "{pkg}.models:build"\nkind = "mlp"', ["exactly one of model.kind"]),
+    ("model", 'kind = "mlp"\noptions = {{ width = 3 }}', ["model.options", "set model.factory"]),
+    ("data", 'factory = "{pkg}.data:one_split"', ["data.factory", "expected (train, test)"]),
+    ("data", 'factory = "{pkg}.data:float_targets"', ["data.factory", "integer class ids"]),
+    ("data", 'factory = "{pkg}.missing:load"', ["data.factory", "no module named '{pkg}.missing'"]),
+])
+def test_factory_errors_are_one_line_naming_file_and_key(user_pkg, section, body, needles):
+    name, cfg_dir = user_pkg
+    other = ('[data]\nfactory = "{pkg}.data:load"\n' if section == "model" else "")
+    cfg = _write(cfg_dir, (f"[{section}]\n{body}\n" + other).format(pkg=name))
+    res = CliRunner().invoke(train, [cfg, "--no-progress"])
+    _one_line_error(res, cfg, *(n.format(pkg=name) for n in needles))
+
+
+def test_the_shipped_custom_train_example_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # found through the config file's directory, not the cwd
+    example = ROOT / "examples" / "custom_train" / "train.toml"
+    cfg = load_config(example)
+    cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, epochs=1))
+    try:
+        res = run(cfg, private=True, progress=False, search_path=[example.parent])
+    finally:
+        for mod in [m for m in sys.modules if m == "mypkg" or m.startswith("mypkg.")]:
+            del sys.modules[mod]
+    assert res.steps == math.ceil(1600 / 128) and 0 < res.epsilon <= 3.0
+    assert str(example.parent.resolve()) not in sys.path  # the search path is taken off again

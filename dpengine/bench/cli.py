@@ -21,7 +21,7 @@ and the ratios DP / non-private and dpengine / best Opacus mode, plus an account
 \b
 Suites (configs/bench/NAME.toml, installed as dpengine.configs.bench):
   default  MLP 784-512-512-10 b256, CNN 3conv+GroupNorm 32x32 b64, GPT-like 4x256 T128 b16;
-           modes nonprivate, hooks, ghost, bk, fused (CUDA; not implemented yet), opacus-hooks, opacus-ghost;
+           modes nonprivate, hooks, ghost, bk, fused (CUDA: Triton kernels), opacus-hooks, opacus-ghost;
            5 rounds x (3 warm-up + >=10 timed steps, >=3 s); accounting micro-benchmark.
            About 30-50 minutes on 2 cores (use --rounds 2 --min-time 1 for ~15).
   quick    the same models, smaller (b64 / b16 / b4, T 64), 2 rounds: about 3 minutes on 2 cores.

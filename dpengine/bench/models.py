@@ -1,5 +1,6 @@
 """The benchmarked networks. Every model is Opacus-compatible (no tied weights, no in-place ops,
-every per-sample-trainable layer is nn.Linear / nn.Conv2d / nn.GroupNorm / nn.LayerNorm / nn.Embedding).
+every per-sample-trainable layer is nn.Linear / nn.Conv2d / nn.GroupNorm / nn.LayerNorm / nn.Embedding, or
+an nn.LSTM / nn.MultiheadAttention that both libraries swap for their own equivalent: ``swap_layers``).
 
 ``build(name, params)`` returns a :class:`Workload`: the model, a batch factory and the loss.
 Shapes in comments use B = batch, T = sequence length, D = width, V = vocabulary.
@@ -134,6 +135,64 @@ class HFCausalLM(nn.Module):
         return self.lm(input_ids=idx, use_cache=False).logits
 
 
+# ----------------------------------------------------------------- torch attention / recurrent layers
+
+
+class LSTMClassifier(nn.Module):
+    """Text classifier on a plain ``nn.LSTM``: tokens (B, T) -> embedding (B, T, D) -> LSTM (batch-first,
+    ``layers`` deep) -> last layer's h_n (B, H) -> logits (B, classes). Private modes train it after a layer
+    swap (dpengine.fix -> DPLSTM; Opacus' ModuleValidator.fix -> its DPLSTM)."""
+
+    def __init__(self, vocab: int = 1000, seq_len: int = 50, d: int = 64, hidden: int = 128, layers: int = 1,
+                 classes: int = 10) -> None:
+        super().__init__()
+        self.seq_len = seq_len
+        self.emb = nn.Embedding(vocab, d)  # (B, T) -> (B, T, D)
+        self.lstm = nn.LSTM(d, hidden, num_layers=layers, batch_first=True)  # -> (B, T, H), h_n (L, B, H)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        _, (h, _) = self.lstm(self.emb(idx))
+        return self.head(h[-1])  # (B, classes)
+
+
+class MHABlock(nn.Module):
+    """Pre-norm block with ``nn.MultiheadAttention`` (batch-first, causal float mask, no weights returned)."""
+
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.fc, self.out = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.ln1(x)
+        x = x + self.attn(h, h, h, attn_mask=mask, need_weights=False)[0]  # (B, T, D)
+        return x + self.out(F.gelu(self.fc(self.ln2(x))))
+
+
+class MHATransformer(nn.Module):
+    """Decoder-only LM built with ``nn.MultiheadAttention``: tokens (B, T) -> logits (B, T, V). Private modes
+    train it after a layer swap (dpengine.fix -> DPMultiheadAttention; Opacus -> its DPMultiheadAttention)."""
+
+    def __init__(self, vocab: int = 1000, seq_len: int = 64, d: int = 128, layers: int = 2, heads: int = 4) -> None:
+        super().__init__()
+        self.seq_len = seq_len
+        self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(seq_len, d)
+        self.blocks = nn.ModuleList(MHABlock(d, heads) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        b, t = idx.shape
+        positions = torch.arange(t, device=idx.device).unsqueeze(0).expand(b, t).contiguous()
+        x = self.tok(idx) + self.pos(positions)
+        mask = torch.triu(torch.full((t, t), float("-inf"), device=idx.device), diagonal=1)  # (T, T) causal
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.head(self.ln_f(x))
+
+
 # --------------------------------------------------------------------------------- registry
 
 
@@ -146,6 +205,9 @@ class Workload:
     batch: Callable[[int, torch.Generator, torch.device], tuple[torch.Tensor, torch.Tensor]]
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     sequence: bool = False
+    #: the model holds torch layers each library swaps before private training (dpengine.fix, Opacus'
+    #: ModuleValidator.fix); non-private runs keep torch's own fused layers
+    swap_layers: bool = False
 
 
 def _classification(model: nn.Module, x_shape: tuple[int, ...], classes: int) -> Workload:
@@ -187,6 +249,24 @@ def _hf_gpt2(**kw: Any) -> Workload:
     return _language(model, kw.get("vocab", 8192), kw.get("seq_len", 128))
 
 
+def _lstm(**kw: Any) -> Workload:
+    model = LSTMClassifier(**kw)
+    vocab, classes = model.emb.num_embeddings, model.head.out_features
+
+    def batch(b: int, g: torch.Generator, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randint(0, vocab, (b, model.seq_len), generator=g)
+        return x.to(device), torch.randint(0, classes, (b,), generator=g).to(device)
+
+    return Workload(model, batch, lambda out, y: F.cross_entropy(out, y), swap_layers=True)
+
+
+def _mha(**kw: Any) -> Workload:
+    model = MHATransformer(**kw)
+    work = _language(model, model.tok.num_embeddings, model.seq_len)
+    work.swap_layers = True
+    return work
+
+
 GPT2_SMALL = dict(vocab=50257, seq_len=1024, d=768, layers=12, heads=12)  # ~124M params with untied head (~163M)
 
 # name -> (factory, default params, description)
@@ -195,7 +275,12 @@ MODELS: dict[str, tuple[Callable[..., Workload], dict[str, Any], str]] = {
     "cnn": (_cnn, {}, "CNN 3 conv + GroupNorm, 32x32x3, 10 classes"),
     "gpt": (_gpt, {}, "GPT-like 4 layers, d 256, 4 heads, T 128, vocab 8192"),
     "gpt2-small": (_gpt, GPT2_SMALL, "GPT-2 small shape: 12 layers, d 768, 12 heads, T 1024, vocab 50257 (GPU)"),
+    "gpt2-medium": (_gpt, dict(GPT2_SMALL, seq_len=512, d=1024, layers=24, heads=16),
+                    "GPT-2 medium shape at T 512: 24 layers, d 1024, 16 heads, vocab 50257 (GPU)"),
     "hf-gpt2": (_hf_gpt2, {}, "transformers GPT2LMHeadModel from a config, 4 layers, d 256, T 128 (untied)"),
+    "lstm": (_lstm, {}, "nn.LSTM text classifier: vocab 1000, d 64, hidden 128, T 50 (private: layer swapped)"),
+    "mha-transformer": (_mha, {}, "LM from nn.MultiheadAttention, 2 layers, d 128, 4 heads, T 64, vocab 1000 "
+                                  "(private: layer swapped)"),
 }
 
 
@@ -215,4 +300,4 @@ def describe(name: str) -> str:
     return MODELS[name][2]
 
 
-__all__ = ["MLP", "CNN", "GPT", "HFCausalLM", "Workload", "MODELS", "build", "n_params", "describe"]
+__all__ = ["MLP", "CNN", "GPT", "HFCausalLM", "LSTMClassifier", "MHATransformer", "Workload", "MODELS", "build", "n_params", "describe"]

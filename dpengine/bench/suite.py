@@ -181,7 +181,7 @@ class Suite:
             out: list[str] = []
             for m in modes:
                 out.append(m)
-                if m in DPENGINE_MODES and m != "fused":  # fused has no backend yet
+                if m in DPENGINE_MODES and m != "fused":  # fused variants are listed explicitly (CUDA only)
                     out += [f"{m}+{c}" for c in clippings if c != "flat"]
             return tuple(out)
 

@@ -181,7 +181,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
 
     if not implemented(mode):
         return {"status": NOT_IMPLEMENTED.format(mode=mode)}
-    if mode == "fused" and not cuda:
+    if split_mode(mode)[0] == "fused" and not cuda:
         return {"status": FUSED_NEEDS_CUDA}
     if (why := unsupported(mode, precision)) is not None:
         return {"status": why}
@@ -195,6 +195,15 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     with device:  # parameters made where they train (GPT-2 small initializes in a blink on the GPU)
         work = models.build(cfg["model"], cfg.get("params"))
     model = work.model.to(device)
+    if work.swap_layers and mode != "nonprivate":  # each library's own equivalents of nn.LSTM / nn.MultiheadAttention
+        if mode in OPACUS_MODES:
+            from opacus.validators import ModuleValidator
+
+            model = ModuleValidator.fix(model)
+        else:
+            import dpengine
+
+            model = dpengine.fix(model)
     batch = int(cfg["batch"])
     g = torch.Generator().manual_seed(int(cfg.get("seed", 0)))
     x, y = work.batch(batch, g, device)

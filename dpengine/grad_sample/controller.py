@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ..clipping import ClippingPolicy
+from . import fused
 from .functorch import FALLBACK
 from .ledger import BatchLedger
 from .registry import (LayerHandler, NormMethod, PerSampleGradientError, Record, cross_term, direct_trainable,
@@ -43,6 +44,11 @@ class GradSampleMode(enum.Enum):
     HOOKS = "hooks"  # materialize every per-sample gradient (reference path)
     GHOST = "ghost"  # Gram-form norms wherever a handler has one (least memory); weighted-GEMM sums
     BK = "bk"  # book-keeping: per layer, Gram or materialized norm by cost; weighted-GEMM sums
+    FUSED = "fused"  # bk with Triton kernels for the layers they cover (see grad_sample/fused.py)
+
+
+#: ghost mode warns (once) when a layer's Gram-form norm costs more than this many times materializing it
+GHOST_COST_WARNING = 10.0
 
 
 class LossReduction(enum.Enum):
@@ -293,6 +299,38 @@ def _promote(rec: Record) -> None:
         rec.args = tuple(x.to(work) if isinstance(x, Tensor) and x.is_floating_point() else x for x in rec.args)
 
 
+def _stack_repeated_calls(pending: list[tuple[TrackedLayer, Record]]) -> list[tuple[TrackedLayer, Record]]:
+    """Merge the records of a layer called several times in one forward (an RNN's hidden-to-hidden Linear,
+    once per time step) into one record: ``a`` and ``g`` stacked along a new dimension 1, (B, K, ...).
+
+    Only for a handler with ``stackable`` (its per-sample gradient sums over every dimension between the
+    batch and the features, as Linear's sum_t g_t a_t^T), for checked records with one positional input, no
+    keyword arguments and no handler scratch, grouped by layer, shapes and dtypes. The merged record has
+    exactly the per-sample gradient of the sum of the calls, so its norm is one Gram (or materialized) step
+    instead of K^2 pairwise cross terms in Python, and its clipped sum one GEMM. The originals are released.
+    """
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, (tl, rec) in enumerate(pending):
+        if tl.handler.stackable and len(rec.args) == 1 and not rec.kwargs and not rec.extra \
+                and isinstance(rec.args[0], Tensor) and rec.g is not None:
+            a, g = rec.args[0], rec.g
+            groups.setdefault((id(tl), a.shape, g.shape, a.dtype, g.dtype), []).append(i)
+    merged: dict[int, tuple[TrackedLayer, Record]] = {}
+    drop: set[int] = set()
+    for idx in groups.values():
+        if len(idx) < 2:
+            continue
+        recs = [pending[i][1] for i in idx]
+        rec = Record((torch.stack([r.args[0] for r in recs], 1),), {}, torch.stack([r.g for r in recs], 1))
+        for r in recs:
+            r.release()
+        merged[idx[0]] = (pending[idx[0]][0], rec)
+        drop.update(idx[1:])
+    if not merged:
+        return pending
+    return [merged.get(i, p) for i, p in enumerate(pending) if i not in drop]
+
+
 class GradSampleController(BatchLedger):
     """Drives the per-layer handlers for one module; owns the captured tensors and the clipped sums."""
 
@@ -315,8 +353,12 @@ class GradSampleController(BatchLedger):
         self.policy = policy if policy is not None else _OneGroup(clip_factors)  # type: ignore[arg-type]
         self.loss_reduction = loss_reduction
         self.layers: list[TrackedLayer] = []
+        #: for the fused mode: which layers run on the kernels and which on the bk path (fused.fused_plan)
+        self.fused_plan = fused.prepare(module) if mode is GradSampleMode.FUSED else None
         for name, layer, trainable in trainable_layers(module):
             handler = find_handler(layer) or FALLBACK
+            if mode is GradSampleMode.FUSED:
+                handler = fused.fused_handler(handler)
             self.layers.append(TrackedLayer(name, layer, handler, [n for n, _ in trainable], [p for _, p in trainable]))
         self.params: list[nn.Parameter] = list({id(p): p for tl in self.layers for p in tl.params}.values())
         self.param_ids = frozenset(id(p) for p in self.params)
@@ -329,6 +371,7 @@ class GradSampleController(BatchLedger):
         self._pending_full: bool | None = None  # the anchor's verdict for the running backward
         self._queued_for: int | None = None
         self._method_cache: dict[tuple[int, tuple[int, ...]], NormMethod] = {}
+        self._warned_ghost_cost = False
         self._signatures: dict[type, inspect.Signature | None] = {}
         #: backward passes that were not a full ``backward()`` (``torch.autograd.grad``), dropped
         self.skipped_backwards = 0
@@ -533,12 +576,26 @@ class GradSampleController(BatchLedger):
     # ----------------------------------------------------------------------------------- reduce
     def _method(self, tl: TrackedLayer, rec: Record) -> NormMethod:
         if self.mode is GradSampleMode.GHOST:
+            if tl.handler.has_gram and not self._warned_ghost_cost:
+                self._warn_ghost_cost(tl, rec)
             return NormMethod.GRAM if tl.handler.has_gram else NormMethod.MATERIALIZE
         key = (id(tl), tuple(rec.g.shape[1:]))
         if key not in self._method_cache:  # BK: chosen per layer by cost, cached per shape
             use_gram = tl.handler.has_gram and tl.handler.prefers_gram(tl.module, rec)
             self._method_cache[key] = NormMethod.GRAM if use_gram else NormMethod.MATERIALIZE
         return self._method_cache[key]
+
+    def _warn_ghost_cost(self, tl: TrackedLayer, rec: Record) -> None:
+        """Once per model: ghost's Gram form over many positions (a convolution at 32x32) costs far more
+        than materializing the layer's per-sample gradient, which bk would pick."""
+        ratio = tl.handler.gram_flop_ratio(tl.module, rec)
+        if ratio is not None and ratio > GHOST_COST_WARNING:
+            self._warned_ghost_cost = True
+            warnings.warn(
+                f"grad_sample_mode='ghost': the Gram-form norm of layer '{tl.name}' ({type(tl.module).__name__}, "
+                f"{rec.g.shape[0]} samples) costs about {ratio:.0f}x the FLOPs of materializing its per-sample "
+                "gradient. grad_sample_mode='bk' (the default) picks the cheaper form per layer; ghost only saves "
+                "memory here.", stacklevel=4)
 
     def _reduce_pending(self) -> None:
         pending, full = self._pending, self._pending_full
@@ -574,10 +631,15 @@ class GradSampleController(BatchLedger):
             return expected
         sizes = {b for _, b in seen}
         if len(sizes) != 1:
-            detail = ", ".join(f"{name}: {b}" for name, b in seen)
+            common = max(sizes, key=lambda b: sum(1 for _, s in seen if s == b))
+            odd = list(dict.fromkeys((name, b) for name, b in seen if b != common))
+            detail = ", ".join(f"'{name}' saw {b}" for name, b in odd[:3]) + (f" and {len(odd) - 3} more" if len(odd) > 3 else "")
             raise PerSampleGradientError(
-                "layers saw different batch sizes in one backward, so per-sample gradients are ill-defined "
-                f"({detail}). Every tracked layer must take inputs with the batch as dimension 0.")
+                f"{detail}, while the other tracked layers saw a batch of {common}: per-sample gradients are "
+                "ill-defined. Every tracked layer must take inputs with the batch as dimension 0: use "
+                "batch_first=True for a sequence-first model, expand a tensor shared by all samples to the batch "
+                "(x.expand(B, ...)) before the layer, and iterate the loader returned by make_private so the "
+                "batch size is known.")
         if not self._warned_unverified:
             self._warned_unverified = True
             warnings.warn(
@@ -601,7 +663,8 @@ class GradSampleController(BatchLedger):
                 f"the input of layer '{tl.name}' ({type(tl.module).__name__}) was modified in place after the "
                 "layer used it, so its per-sample gradients cannot be formed. Use an out-of-place operation "
                 "(x = x + 1 rather than x += 1) on tensors that a tracked layer has read.")
-        _promote(rec)
+        if not getattr(tl.handler, "takes_low_precision", False):  # fused kernels accumulate in fp32 themselves
+            _promote(rec)
 
     def _reduce_early(self, tl: TrackedLayer, rec: Record) -> None:
         """Per-layer clipping of a layer whose groups are its own: its factors need only its own norms, so
@@ -616,11 +679,28 @@ class GradSampleController(BatchLedger):
             if b > 0:
                 if self._staged_sq is not None and self._staged_sq.shape[1] != b:
                     self._check_batch(self._staged_sizes)  # raises: layers disagree on the batch
-                sq = self._norms_and_sums([(tl, rec)], b, self._staged, self._staged_unclipped)
+                done = self._reduce_fused(tl, rec, b) if self.mode is GradSampleMode.FUSED else None
+                sq = done if done is not None else self._norms_and_sums(
+                    [(tl, rec)], b, self._staged, self._staged_unclipped)
                 self._staged_sq = sq if self._staged_sq is None else self._staged_sq + sq
             for p in tl.params:
                 self._staged.setdefault(p, torch.zeros_like(p, dtype=_sum_dtype(p)))
             rec.release()
+
+    def _reduce_fused(self, tl: TrackedLayer, rec: Record, batch: int) -> Tensor | None:
+        """Per-layer clipping of a fused linear layer in one kernel launch pair (fused.reduce_layer); None
+        where it does not apply. Stages the sums and returns the (K, B) squared norms."""
+        scale = float(batch) if self.loss_reduction is LossReduction.MEAN else 1.0
+        if self.policy.needs_unclipped:
+            return None
+        done = fused.reduce_layer(tl.handler, tl.module, rec, tl.names, tl.params, self.policy,
+                                  self._method(tl, rec), scale, self.output_scale)
+        if done is None:
+            return None
+        sq, sums = done
+        for p, t in sums.items():
+            _accumulate(self._staged, p, t)
+        return sq
 
     def _reduce(self, pending: list[tuple[TrackedLayer, Record]]) -> None:
         staged, staged_u, staged_sq = self._staged, self._staged_unclipped, self._staged_sq
@@ -656,6 +736,7 @@ class GradSampleController(BatchLedger):
         # mean reduction: autograd's g is (1/B) * per-sample g; scale norms and factors, not tensors.
         scale = float(batch) if self.loss_reduction is LossReduction.MEAN else 1.0
         group = self.policy.group
+        pending = _stack_repeated_calls(pending)
 
         uses: dict[nn.Parameter, list[tuple[TrackedLayer, Record, str]]] = {}
         for tl, rec in pending:

@@ -100,8 +100,11 @@ class ConvHandler(LayerHandler):
 
     def _ps_weight(self, layer: nn.Module, rec: Record) -> Tensor:
         """Per-sample weight gradients by whichever exact implementation was faster for this shape on
-        this device (measured once per shape and cached)."""
-        key = (tuple(layer.weight.shape), tuple(rec.a.shape), layer.stride, layer.dilation, layer.groups,
+        this device (measured once per shape and cached). The batch size enters the key rounded up to a
+        power of two: Poisson batches change size every step, and re-timing each new size would cost more
+        than it could save."""
+        b = rec.a.shape[0]
+        key = (tuple(layer.weight.shape), (1 << max(b - 1, 0).bit_length(), *rec.a.shape[1:]), layer.stride, layer.dilation, layer.groups,
                str(layer.padding), layer.padding_mode, rec.a.dtype, str(rec.a.device))
         impl = _IMPL.get(key)
         if impl is None:
@@ -133,6 +136,12 @@ class ConvHandler(LayerHandler):
         p = layer.out_channels // layer.groups
         d = layer.in_channels // layer.groups * math.prod(layer.kernel_size)
         return 2 * positions * positions < p * d
+
+    def gram_flop_ratio(self, layer: nn.Module, rec: Record) -> float | None:
+        positions = math.prod(rec.g.shape[2:])
+        p = layer.out_channels // layer.groups
+        d = layer.in_channels // layer.groups * math.prod(layer.kernel_size)
+        return positions * (d + p) / (p * d)
 
     def norm_sq(self, layer: nn.Module, rec: Record, names: list[str], method: NormMethod) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}

@@ -11,6 +11,7 @@ from .registry import (LayerHandler, NormMethod, OuterFactors, Record, flatten_t
 
 class _LinearLike(LayerHandler):
     has_gram = True
+    stackable = True  # (B, K, ..., d) inputs are tokens like any other: calls can be stacked along dim 1
     #: True when the weight is stored (in, out) as in GPT-2's Conv1D, False for nn.Linear's (out, in).
     transposed = False
 
@@ -37,6 +38,11 @@ class _LinearLike(LayerHandler):
         t = rec.a.numel() // max(rec.a.shape[0], 1) // rec.a.shape[-1]
         p, d = rec.g.shape[-1], rec.a.shape[-1]
         return 2 * t * t < p * d  # Gram matrices smaller than the per-sample gradient (fastDP's rule)
+
+    def gram_flop_ratio(self, layer: nn.Module, rec: Record) -> float | None:
+        t = rec.a.numel() // max(rec.a.shape[0], 1) // rec.a.shape[-1]
+        p, d = rec.g.shape[-1], rec.a.shape[-1]
+        return t * (d + p) / (p * d)
 
     def norm_sq(self, layer: nn.Module, rec: Record, names: list[str], method: NormMethod) -> dict[str, Tensor]:
         a, g = self._ag(rec)

@@ -97,6 +97,12 @@ class LayerHandler:
     #: True if autograd may save the layer's *output* for its own backward (then the capture copies the
     #: output instead of tagging it in place).
     output_may_be_saved: bool = False
+    #: True if records of several calls of the layer (same shapes, no keyword arguments) may be merged into
+    #: one by stacking ``a`` and ``g`` along a new dimension 1: the rules must treat every dimension between
+    #: the batch and the features as positions summed over (Linear: grad_i = sum_t g_t a_t^T). The controller
+    #: does this for a layer called once per time step (an RNN cell), so its norm is one Gram or materialized
+    #: step instead of pairwise cross terms between calls.
+    stackable: bool = False
 
     def problems(self, layer: nn.Module) -> list[str]:
         """Reasons this layer cannot be trained privately (empty if it can)."""
@@ -119,6 +125,11 @@ class LayerHandler:
     def prefers_gram(self, layer: nn.Module, rec: Record) -> bool:
         """Cost rule for the ``bk`` backend: Gram form when it needs less memory than materializing."""
         return False
+
+    def gram_flop_ratio(self, layer: nn.Module, rec: Record) -> float | None:
+        """FLOPs of the Gram-form weight norm over those of materializing it, T (d + p) / (p d) for T
+        positions and a (p, d) weight; None where the handler has no Gram form."""
+        return None
 
     def norm_sq(self, layer: nn.Module, rec: Record, names: list[str], method: NormMethod) -> dict[str, Tensor]:
         return {n: row_sq(t) for n, t in self._cached_per_sample(layer, rec, names).items()}
