@@ -17,13 +17,19 @@ if not torch.cuda.is_available():
 
 
 def require_triton():
-    """``triton`` for kernel tests: skipped where it is absent, an error where CI requires it."""
-    if os.environ.get("DPENGINE_REQUIRE_TRITON") == "1":
+    """``triton`` for kernel test modules, ready to run: on a machine without CUDA, under the interpreter.
+    Skipped where triton is absent or was imported before TRITON_INTERPRET=1 was set; an error instead
+    where CI requires the kernels to run."""
+    required = os.environ.get("DPENGINE_REQUIRE_TRITON") == "1"
+    if required:
         import triton  # noqa: PLC0415 - raises ImportError, failing the module, if missing
-
-        return triton
-    return pytest.importorskip("triton", reason="triton is not installed (pip install dpengine[test]); "
-                                                "the Triton kernels cannot be tested")
+    else:
+        triton = pytest.importorskip("triton", reason="triton is not installed (pip install dpengine[test]); "
+                                                      "the Triton kernels cannot be tested")
+    if not torch.cuda.is_available() and not triton.knobs.runtime.interpret:
+        kernels_unavailable("triton was imported before TRITON_INTERPRET=1 could be set: the kernels cannot run "
+                            "on this CPU-only machine")
+    return triton
 
 
 def kernels_unavailable(reason: str) -> None:

@@ -8,19 +8,16 @@ inputs work too but are not what the mode is for), so the tolerance is fp32's.
 from __future__ import annotations
 
 import copy
-import os
 import warnings
 
 import pytest
 import torch
-from conftest import kernels_unavailable, require_triton
+from conftest import require_triton
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # conftest sets it too, before collection
-triton = require_triton()
+triton = require_triton()  # conftest set TRITON_INTERPRET=1 before collection on a machine without CUDA
 
 from dpengine import PrivacyEngine  # noqa: E402
 from dpengine.grad_sample import fused  # noqa: E402
@@ -29,9 +26,6 @@ from models import TinyGPT, seq_ce  # noqa: E402
 from oracle import oracle_per_sample, rel_err  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and not _common.INTERPRET:
-    kernels_unavailable("triton was imported before TRITON_INTERPRET=1 could be set: the kernels cannot run on "
-                        "this CPU-only machine")
 
 TOL = 2e-4  # fp32 model against the float64 oracle
 
