@@ -201,18 +201,46 @@ class AdaptiveClipping(FlatClipping):
                 "Raise unclipped_num_std (Andrew et al. suggest about expected batch size / 20) or the noise.")
         return rest ** -0.5
 
+    # The bound lives on the device as a 0-dim float64 tensor once the first batch is clipped, so the step
+    # never reads it (or the count) back to the host; ``max_grad_norm`` and ``sensitivity`` read it on request.
+    @property
+    def max_grad_norm(self) -> float:  # type: ignore[override]
+        """The current clip bound (a host read of the device bound: for logging, not inside the step)."""
+        return float(self._bound) if isinstance(self._bound, Tensor) else self._bound
+
+    @max_grad_norm.setter
+    def max_grad_norm(self, value: float) -> None:
+        self._bound: float | Tensor = float(value)
+
+    def _bound_on(self, device: torch.device) -> Tensor:
+        if not isinstance(self._bound, Tensor):
+            self._bound = torch.tensor(self._bound, dtype=torch.float64, device=device)
+        elif self._bound.device != device:
+            self._bound = self._bound.to(device)
+        return self._bound
+
+    def noise_stds(self, params: list[nn.Parameter], noise_multiplier: float) -> list[Any]:
+        """sigma_g times the current bound, as a device tensor once the bound lives there (no host read)."""
+        sigma = self.grad_noise_multiplier(noise_multiplier)
+        std = sigma * self._bound if isinstance(self._bound, Tensor) else sigma * self.sensitivity
+        return [std] * len(params)
+
     def factors(self, norms: Tensor) -> Tensor:
-        centred = (norms <= self.max_grad_norm).to(torch.float64).sum() - 0.5 * norms.shape[-1]
+        bound = self._bound_on(norms.device)
+        centred = (norms <= bound).to(torch.float64).sum() - 0.5 * norms.shape[-1]
         self._unclipped = centred if self._unclipped is None else self._unclipped + centred
-        return _clip(norms, self.max_grad_norm)
+        return _clip(norms, bound)
 
     def after_step(self, noise: Any, expected_batch_size: float) -> None:
-        count = torch.zeros(1, dtype=torch.float64) if self._unclipped is None else \
-            self._unclipped.detach().reshape(1).to("cpu", torch.float64)
+        """C <- clamp(C exp(-eta (b - target)), min, max), on the bound's device (no host read)."""
+        device = self._bound.device if isinstance(self._bound, Tensor) else \
+            (self._unclipped.device if self._unclipped is not None else torch.device("cpu"))
+        count = torch.zeros(1, dtype=torch.float64, device=device) if self._unclipped is None else \
+            self._unclipped.detach().reshape(1)  # float64 on the bound's device (factors put it there)
         noise.add_([count], self.unclipped_num_std)
-        frac = float(count) / expected_batch_size + 0.5
-        bound = self.max_grad_norm * math.exp(-self.lr * (frac - self.target))
-        self.max_grad_norm = min(self.max_clipbound, max(self.min_clipbound, bound))
+        frac = count[0] / expected_batch_size + 0.5
+        bound = self._bound_on(device) * torch.exp(-self.lr * (frac - self.target))
+        self._bound = bound.clamp(self.min_clipbound, self.max_clipbound)
         self._unclipped = None
 
     def state_dict(self, params: list[nn.Parameter]) -> dict[str, Any]:

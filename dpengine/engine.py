@@ -29,6 +29,20 @@ from .validation import UnsupportedModuleError, validate
 _PRIVATE_MODULES: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
+def _uncompiled(module: nn.Module) -> nn.Module:
+    """The module that ``torch.compile(module)`` wraps (an ``OptimizedModule``), else ``module`` itself.
+
+    Capture is attached to the wrapped module, and the compiled wrapper is returned to the user as given:
+    the hooks run inside the compiled forward exactly as they do when the model is compiled after
+    ``make_private`` (dynamo guards on a module's hooks and recompiles once). Parameter and layer names
+    are those of the user's model, without the wrapper's ``_orig_mod.`` prefix. See DESIGN.md,
+    "torch.compile"."""
+    inner = getattr(module, "_orig_mod", None)
+    if isinstance(inner, nn.Module) and type(module).__name__ == "OptimizedModule":
+        return inner
+    return module
+
+
 class PrivacyEngine:
     """Turns a model, optimizer and data loader into their differentially private counterparts.
 
@@ -135,7 +149,8 @@ class PrivacyEngine:
             raise RuntimeError("This PrivacyEngine is already attached to a model; use one engine per model.")
         # data-parallel training (dpengine/distributed.py): capture goes on ddp.module, the ranks must agree
         user_module = module
-        module, dctx = distributed.prepare(user_module, data_loader)
+        module, dctx = distributed.prepare(_uncompiled(user_module), data_loader)
+        module = _uncompiled(module)  # DistributedDataParallel(torch.compile(model))
         if dctx is not None:
             dctx.check_consistent(module, {
                 "dataset_size": len(data_loader.dataset), "batches_per_epoch": len(data_loader),  # type: ignore

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 import warnings
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -26,16 +27,17 @@ class GaussianNoise:
       the seed or a checkpoint can regenerate all noise: for research, not for deployment.
     * ``secure_mode=True``: every coordinate receives the sum of four independent N(0, std^2 / 4) draws,
       which blunts floating-point attacks on the low bits of a single Gaussian sample (Mironov 2012; the
-      mitigation Opacus uses). Before *each* of the four draws of each tensor, in every ``add_`` call, the
+      mitigation Opacus uses). Before *each* of the four draws of each flat buffer (all tensors of one
+      device and noise dtype are drawn together), in every ``add_`` call, the
       device's generator is reseeded with ``secrets.randbits(64)``, i.e. from the OS CSPRNG
       (``os.urandom``). The torch generators themselves are not cryptographic, and the CPU one keeps only
-      the low 32 bits of a seed (CUDA's Philox keeps 64), so the four fresh seeds per tensor and step are
+      the low 32 bits of a seed (CUDA's Philox keeps 64), so the four fresh seeds per buffer and step are
       what makes the noise unpredictable: at least 128 bits, and nothing links one step's noise to
       another's. No seed or generator state exists to be saved; ``state_dict`` holds only
       ``{"secure_mode": True}``.
 
-    Draws are made in float32 (float64 for float64 tensors) into a reused scratch buffer and added once,
-    whatever the tensor's dtype.
+    Draws are standard normals made in float32 (float64 for float64 tensors) into one reused flat buffer per
+    device and noise dtype, scaled, and added once with ``torch._foreach_add_``, whatever the tensor's dtype.
 
     Args:
         seed: seed for reproducible runs; must be None in secure mode.
@@ -79,28 +81,49 @@ class GaussianNoise:
             buf = self._buffers[key] = torch.empty(numel, device=device, dtype=dtype)
         return buf[:numel]
 
-    def add_(self, tensors: list[Tensor], std: float) -> None:
-        """``t += N(0, std^2)`` elementwise, in place, for every contiguous tensor.
+    def _standard(self, device: torch.device, dtype: torch.dtype, numel: int) -> Tensor:
+        """``numel`` standard normal values in a reused flat buffer: one draw, or in secure mode the sum of
+        four draws (each from a freshly OS-seeded generator) halved, which is again N(0, 1)."""
+        out = self._scratch(device, dtype, numel)
+        out.normal_(0.0, 1.0, generator=self._gen(device))
+        if self.secure_mode:
+            extra = self._scratch(device, dtype, numel, slot=1)
+            for _ in range(3):
+                out.add_(extra.normal_(0.0, 1.0, generator=self._gen(device)))
+            out.mul_(0.5)
+        return out
 
-        In secure mode each coordinate receives the sum of four independent N(0, std^2 / 4) draws.
+    def add_(self, tensors: Sequence[Tensor], std: float | Tensor | Sequence[float]) -> None:
+        """``t += N(0, std^2)`` elementwise, in place, for every tensor.
+
+        ``std`` is a float, a 0-dim tensor (adaptive clipping's bound stays on the device: no host read), or
+        one float per tensor. All tensors of one device and noise dtype get their noise from one draw into one
+        flat buffer, added with one ``torch._foreach_add_``: a fixed number of kernels whatever the number of
+        tensors. In secure mode each coordinate receives the sum of four independent N(0, std^2 / 4) draws.
         """
-        if std == 0:
+        per_tensor = isinstance(std, Sequence)
+        if per_tensor and len(std) != len(tensors):
+            raise ValueError(f"{len(std)} noise stds for {len(tensors)} tensors.")
+        if not isinstance(std, Tensor) and (all(s == 0 for s in std) if per_tensor else std == 0):
             return
-        draws, s = (4, std / 2) if self.secure_mode else (1, std)
-        for t in tensors:
-            work = _noise_dtype(t.dtype)
-            buf = self._scratch(t.device, work, t.numel()).view_as(t)
-            if draws == 1 or t.dtype == work:
-                # one rounding per draw into t's own (float32/64) precision, or a single draw added once
-                for _ in range(draws):
-                    t.add_(buf.normal_(0.0, s, generator=self._gen(t.device)))
-                continue
-            # low precision and four draws: sum them in float32, then round into t once
-            total = self._scratch(t.device, work, t.numel(), slot=1).view_as(t)
-            total.normal_(0.0, s, generator=self._gen(t.device))
-            for _ in range(draws - 1):
-                total.add_(buf.normal_(0.0, s, generator=self._gen(t.device)))
-            t.add_(total)
+        groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for i, t in enumerate(tensors):
+            groups.setdefault((t.device, _noise_dtype(t.dtype)), []).append(i)
+        for (device, work), idx in groups.items():
+            ts = [tensors[i] for i in idx]
+            flat = self._standard(device, work, sum(t.numel() for t in ts))
+            views, offset = [], 0
+            for t in ts:
+                views.append(flat[offset:offset + t.numel()].view(t.shape))
+                offset += t.numel()
+            if per_tensor:
+                torch._foreach_mul_(views, [float(std[i]) for i in idx])  # type: ignore[index]
+                torch._foreach_add_(ts, views)
+            elif isinstance(std, Tensor):
+                flat.mul_(std.to(dtype=work) if std.device == device else std.to(device=device, dtype=work))
+                torch._foreach_add_(ts, views)
+            else:
+                torch._foreach_add_(ts, views, alpha=float(std))
 
     def state_dict(self) -> dict:
         """Seed and generator states, so a resumed run continues the same noise stream; in secure mode

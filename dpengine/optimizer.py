@@ -20,6 +20,7 @@ from torch.optim import Optimizer
 from . import accounting
 from .clipping import ClippingPolicy
 from .grad_sample.controller import GradSampleController, LossReduction
+from .grad_sample.registry import PerSampleGradientError
 from .noise import GaussianNoise
 
 Segment = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps), as the accountants record them
@@ -109,6 +110,13 @@ class DPOptimizer(Optimizer):
         # RDP of the accountant's history at _ORDERS, and (list, length, last segment) of the history it covers
         self._rdp_total = np.zeros_like(_ORDERS)
         self._rdp_seen: tuple[object, int, Segment | None] = (None, 0, None)
+        # non-finite steps (docs/DESIGN.md, "A step without host synchronization"): a sticky device flag that
+        # masks every update once set, and its copy on the host (pinned on CUDA, copied without blocking)
+        self._nonfinite: torch.Tensor | None = None
+        self._flag_host: torch.Tensor | None = None
+        self._flag_view: Any = None  # numpy view of _flag_host: read without a torch call
+        self._flag_event: Any = None  # CUDA event recorded after the copy (None on CPU: copies are synchronous)
+        self._flag_step = 0
 
     # ------------------------------------------------------------------------------------------ budget
     def set_budget(self, epsilon: float, delta: float, *, planned_steps: int | None = None) -> None:
@@ -249,6 +257,7 @@ class DPOptimizer(Optimizer):
         self._keep_grads = self._skip_next = self._in_virtual_steps = False
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        self._raise_if_nonfinite(wait=False)
         if self._keep_grads:
             return
         self.controller.clear()
@@ -256,9 +265,12 @@ class DPOptimizer(Optimizer):
             p.grad = None
 
     @torch.no_grad()
-    def _privatize(self) -> None:
+    def _privatize(self) -> torch.Tensor:
+        """Write the private gradient into ``p.grad``; returns the step's sticky non-finite flag (a 0-dim bool
+        device tensor): where it is set, every released gradient is zero and ``step`` restores the parameters."""
         sums = self.controller.pop_clipped_sums()
         unclipped = self.controller.pop_unclipped_sums()
+        bad = self.controller.pop_nonfinite()
         tracked = self.controller.param_ids
         grads: list[tuple[nn.Parameter, torch.Tensor]] = []
         for p in self.params:
@@ -281,33 +293,116 @@ class DPOptimizer(Optimizer):
         # releases sum over ranks + one draw to every rank; error feedback's release needs the global sums, so
         # they are reduced first, combined identically on every rank, and rank 0's noisy release broadcast
         dist = self.distributed
+        if dist is not None and bad is not None and grads:
+            # a rank's non-finite flag becomes a NaN in its sums, so the reduced release (and with it the flag
+            # checked below) is non-finite on every rank: the ranks mask the same step
+            first = grads[0][1].view(-1)[:1]
+            first.add_(torch.where(bad.to(first.device), float("nan"), 0.0))
         tensors = [g for _, g in grads]
         if dist is not None and self.policy.needs_unclipped:
             unclipped = {p: unclipped[p].contiguous() if p in unclipped else torch.zeros_like(g) for p, g in grads}
             dist.all_reduce_(tensors + [unclipped[p] for p, _ in grads])
         self.policy.combine(grads, unclipped, self.expected_batch_size * self.controller.output_scale)
         stds = self.policy.noise_stds([p for p, _ in grads], self.noise_multiplier)
+        # one flat buffer per device and dtype: noise, the finiteness check and the mask are a few kernels
+        # whatever the number of parameters (and a collective is one tensor per buffer)
+        groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for i, g in enumerate(tensors):
+            groups.setdefault((g.device, g.dtype), []).append(i)
+        flats = [torch.cat([tensors[i].view(-1) for i in idx]) for idx in groups.values()]
+        views: list[torch.Tensor] = [torch.empty(0)] * len(tensors)
+        for flat, idx in zip(flats, groups.values()):
+            offset = 0
+            for i in idx:
+                views[i] = flat[offset:offset + tensors[i].numel()].view(tensors[i].shape)
+                offset += tensors[i].numel()
+        scale = self.controller.output_scale
 
         def add_noise() -> None:
-            if len(set(stds)) <= 1:
-                self.noise.add_(tensors, (stds[0] if stds else 0.0) * self.controller.output_scale)
-            else:  # per-parameter noise (Lipschitz)
-                for g, std in zip(tensors, stds):
-                    self.noise.add_([g], std * self.controller.output_scale)
+            if all(s is stds[0] for s in stds) or len(set(stds)) <= 1:
+                self.noise.add_(flats, (stds[0] if stds else 0.0) * scale)
+            else:  # per-parameter noise (Lipschitz): still one draw per flat buffer
+                self.noise.add_(views, [std * scale for std in stds])
 
         if dist is None:
             add_noise()
         elif self.policy.needs_unclipped:
             if dist.rank == 0:
                 add_noise()
-            dist.broadcast_(tensors)
+            dist.broadcast_(flats)
         else:
-            dist.noisy_sum_(tensors, add_noise)
-        for p, grad in grads:
-            # sums of low-precision parameters are kept and noised in float32; rounding the noisy sum
-            # to the parameter's dtype is post-processing
-            p.grad = grad if grad.dtype == p.dtype else grad.to(p.dtype)
-            self.controller.mark_written(p, p.grad)
+            dist.noisy_sum_(flats, add_noise)
+        # a non-finite released gradient (the norms were checked in the backward; this also covers sums a
+        # policy combined, and other ranks) masks the step, on the device: no host read
+        for flat in flats:
+            flat_bad = ~torch.isfinite(flat).all()
+            bad = flat_bad if bad is None else bad | (flat_bad if flat_bad.device == bad.device
+                                                      else flat_bad.to(bad.device))
+        if bad is None:  # no trainable parameter
+            bad = torch.zeros((), dtype=torch.bool)
+        if self._nonfinite is not None:
+            bad = bad | self._nonfinite  # sticky: no later update applies until the error is raised
+        self._nonfinite = bad
+        for flat in flats:
+            flat.masked_fill_(bad if bad.device == flat.device else bad.to(flat.device), 0.0)
+        # sums of low-precision parameters are kept and noised in float32; rounding the noisy sum to the
+        # parameter's dtype is post-processing (done by the same copy)
+        # same dtype: p.grad is the view into the flat buffer (no copy); lower precision: one rounding copy
+        outs = [v if v.dtype == p.dtype else torch.empty_like(p, memory_format=torch.contiguous_format)
+                for (p, _), v in zip(grads, views)]
+        low = [(o, v) for o, v in zip(outs, views) if o is not v]
+        if low:
+            torch._foreach_copy_([o for o, _ in low], [v for _, v in low])
+        for (p, _), out in zip(grads, outs):
+            p.grad = out
+            self.controller.mark_written(p, out)
+        return bad
+
+    def _note_nonfinite_on_host(self, bad: torch.Tensor) -> None:
+        """Copy the sticky flag to the host without blocking (pinned memory and an event on CUDA)."""
+        if self._flag_host is None or self._flag_host.device.type != "cpu":
+            pin = bad.device.type == "cuda"
+            self._flag_host = torch.zeros((), dtype=torch.bool, pin_memory=pin)
+            self._flag_view = self._flag_host.numpy()
+        self._flag_host.copy_(bad, non_blocking=True)
+        self._flag_step = self.steps_taken
+        if bad.device.type == "cuda":
+            if self._flag_event is None:
+                self._flag_event = torch.cuda.Event()
+            self._flag_event.record()
+        else:
+            self._flag_event = None
+
+    def _raise_if_nonfinite(self, wait: bool) -> None:
+        """Raise if a step was masked for a non-finite gradient, as soon as the host copy of the flag has
+        arrived (at once on CPU; on CUDA when its event is done, or after waiting if ``wait``). The flag is
+        sticky, so a value read late can only be True if some masked step happened."""
+        if self._flag_view is None or self._nonfinite is None:
+            return
+        event = self._flag_event
+        if event is not None and not wait and not event.query() and not bool(self._flag_view):
+            return  # the copy is still in flight: checked again at the next step() or zero_grad()
+        if event is not None:
+            event.synchronize()
+        if not bool(self._flag_view):  # a numpy read of host memory, not a device sync
+            return
+        self._nonfinite = None
+        self._flag_view[()] = False
+        self.controller.clear()
+        for p in self.params:
+            p.grad = None
+        raise PerSampleGradientError(
+            f"non-finite per-sample gradient norm or released gradient (NaN or inf) at step {self._flag_step} "
+            "(counting from 1); that step, and any step taken after it before this error, was not applied: the "
+            "parameters are as they were before it (the wrapped optimizer's state, e.g. momentum, advanced as "
+            "for a zero gradient, and the accountant counts those steps). Check the loss and inputs (lower the "
+            "learning rate, or clamp logits); to go on, catch this error and continue, or load a checkpoint.")
+
+    def check_finite(self) -> None:
+        """Wait for the last step's non-finite flag and raise ``PerSampleGradientError`` if any step since
+        the last check was masked. ``step()`` and ``zero_grad()`` check without waiting; call this (a host
+        synchronization) before reading results you rely on, e.g. at the end of training."""
+        self._raise_if_nonfinite(wait=True)
 
     #: torch.amp.GradScaler.step hands itself to optimizers that say this (see ``step``)
     _step_supports_amp_scaling = True
@@ -326,6 +421,7 @@ class DPOptimizer(Optimizer):
                 "a step would release noise in place of the gradient while still counting privacy; it was "
                 "refused. For non-private training use optimizer.original_optimizer; to train privately again, "
                 "call make_private with optimizer.original_optimizer.")
+        self._raise_if_nonfinite(wait=False)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -350,7 +446,7 @@ class DPOptimizer(Optimizer):
                           "behave differently in training act as at inference). Call model.train() before "
                           "training; the step itself is still private.", stacklevel=2)
         self._check_budget()
-        self._privatize()
+        bad = self._privatize()
         self.policy.after_step(self.noise if self.distributed is None else self.distributed.count_noise(self.noise),
                                self.expected_batch_size)
         if self.distributed is not None:
@@ -359,10 +455,34 @@ class DPOptimizer(Optimizer):
         self.steps_taken += 1
         self._inner_step = True
         try:
+            with torch.no_grad():  # a masked step leaves the parameters exactly as they were (lerp weight 1)
+                kept = self._masked_update_start()
             self.original_optimizer.step()
+            with torch.no_grad():
+                self._masked_update_end(kept, bad)
         finally:
             self._inner_step = False
+        self._note_nonfinite_on_host(bad)
         return loss
+
+    def _masked_update_start(self) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+        """The trainable parameters, per device and dtype, with copies of their values (one foreach op).
+        None needed for plain SGD (no momentum, no weight decay): a zero gradient leaves it unchanged."""
+        if type(self.original_optimizer) is torch.optim.SGD and all(
+                not g.get("momentum") and not g.get("weight_decay") for g in self.original_optimizer.param_groups):
+            return []
+        groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+        for p in self.params:
+            if p.requires_grad:
+                groups.setdefault((p.device, p.dtype), []).append(p)
+        return [(ps, torch._foreach_clone(ps)) for ps in groups.values()]
+
+    def _masked_update_end(self, kept: list[tuple[list[torch.Tensor], list[torch.Tensor]]], bad: torch.Tensor) -> None:
+        """p <- lerp(p, kept, bad): exactly p where the step is fine, exactly the kept value where it was
+        masked (torch's lerp computes ``end - (end - start) * (1 - w)`` for w >= 0.5), in one foreach op."""
+        for ps, olds in kept:
+            w = bad.to(device=ps[0].device, dtype=ps[0].dtype) if bad.device != ps[0].device else bad.to(ps[0].dtype)
+            torch._foreach_lerp_(ps, olds, [w] * len(ps))
 
     def _guard_original(self, opt: Optimizer, args: Any, kwargs: Any) -> None:
         """A step pre-hook on the user's own optimizer: stepping it directly would apply no private
@@ -375,6 +495,7 @@ class DPOptimizer(Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """The wrapped optimizer's state, plus the clipping policy's (error feedback's e, adaptive's bound)."""
+        self._raise_if_nonfinite(wait=True)  # never checkpoint past a masked step without saying so
         return {**self.original_optimizer.state_dict(), "dpengine_clipping": self.policy.state_dict(self.params)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -472,7 +472,14 @@ class GradSampleController(BatchLedger):
                     "layers with a single tensor output. Register a handler for this layer type.")
             if kwargs:
                 args, kwargs = self._positional(layer, args, kwargs)
-            args = tuple(x.detach() if isinstance(x, Tensor) else x for x in args)
+            # Under torch.compile this body is traced with fake tensors: a `_version` read would be the fake
+            # tensor's counter frozen into the graph (a false "modified in place" at the reduction), and
+            # `_is_view()` is a graph break. So a traced call keeps its own copy of the inputs instead (the
+            # graph is functional, so the copy holds the values the layer read; nothing else can write to
+            # it) and a tagged output is a copy. See DESIGN.md, "torch.compile".
+            compiling = torch.compiler.is_compiling()
+            args = tuple((x.detach().clone() if compiling else x.detach()) if isinstance(x, Tensor) else x
+                         for x in args)
             copy = tl.handler.output_may_be_saved
             batch = self._broadcast_batch(args, out)
             if batch is not None:
@@ -483,7 +490,8 @@ class GradSampleController(BatchLedger):
             rec = Record(args, {k: (v.detach() if isinstance(v, Tensor) else v) for k, v in kwargs.items()})
             # autograd no longer saves the input for a weight gradient, so nothing else would notice an
             # in-place change to it before the reduction: remember its version (detach shares the counter)
-            rec.extra["versions"] = [(i, x._version) for i, x in enumerate(args) if isinstance(x, Tensor)]
+            if not compiling:
+                rec.extra["versions"] = [(i, x._version) for i, x in enumerate(args) if isinstance(x, Tensor)]
             anchor = not self._anchored
             self._anchored = True
             self._calls[id(tl)] = self._calls.get(id(tl), 0) + 1
@@ -497,7 +505,7 @@ class GradSampleController(BatchLedger):
             # call of this forward and carries the anchor: tag it. A view is copied: tagging it in place
             # would make autograd rebase it (two copies in the backward).
             tapped = _Tap.apply(self._anchor, out, lambda g: self._on_grad(tl, rec, g, tapped=True),
-                                copy or out._is_view())
+                                copy or compiling or out._is_view())
             if lead is not None:
                 return self._lead(tl, args, kwargs, out, tapped, lead)
             return tapped
@@ -726,6 +734,7 @@ class GradSampleController(BatchLedger):
         scale = float(batch) if self.loss_reduction is LossReduction.MEAN else 1.0
         self.last_group_norms = sq.sqrt() * scale
         self.last_norms = sq.sum(0).sqrt() * scale
+        self.note_nonfinite(~torch.isfinite(sq).all())  # every group of every record, staged ones included
         self.batches_accumulated += 1
 
     def _norms_and_sums(self, pending: list[tuple[TrackedLayer, Record]], batch: int,
@@ -770,10 +779,8 @@ class GradSampleController(BatchLedger):
                 sq[group(tl.params[tl.names.index(n)])] += t
 
         norms = sq.sqrt() * scale  # (K, B)
-        if batch and not bool(torch.isfinite(norms).all()):
-            raise PerSampleGradientError(
-                "non-finite per-sample gradient norm (NaN or inf) in this batch; the update is refused rather "
-                "than clipped silently. Check the loss and inputs (lower the learning rate, or clamp logits).")
+        # a non-finite norm is flagged on the device, never read here (a host sync): the optimizer makes the
+        # step a no-op on the device and raises at the next step()/zero_grad() (docs/DESIGN.md)
         # (K, B): factor per group and sample, times the mean-reduction scale and the output scale (1 / expected
         # batch size for a mean-reduced loss), so no pass over the summed gradients is needed later
         c = self.policy.factors(norms) * (scale * self.output_scale)

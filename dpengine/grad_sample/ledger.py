@@ -25,6 +25,18 @@ class BatchLedger:
         self.batches_accumulated = 0  # reductions since the last step
         self._summed: dict[nn.Parameter, Tensor] = {}
         self._written: dict[nn.Parameter, tuple[Tensor, int]] = {}
+        #: 0-dim bool device tensor, True once a reduction since the last pop saw a non-finite per-sample norm
+        #: (None: nothing reduced). Kept on the device: the optimizer masks the step with it (no host read).
+        self.nonfinite: Tensor | None = None
+
+    def note_nonfinite(self, bad: Tensor) -> None:
+        """OR a reduction's device-side non-finite flag into ``nonfinite`` (no host read)."""
+        self.nonfinite = bad if self.nonfinite is None else self.nonfinite | bad
+
+    def pop_nonfinite(self) -> Tensor | None:
+        """The non-finite flag of the reductions since the last pop (and forget it)."""
+        out, self.nonfinite = self.nonfinite, None
+        return out
 
     def note_batch(self, size: int) -> None:
         """The private loader yielded a batch of ``size`` records: the batch every tracked layer must see
@@ -81,5 +93,6 @@ class BatchLedger:
 
     def clear(self) -> None:
         self._summed = {}
+        self.nonfinite = None
         self.batches_accumulated = self.repeated_batches = 0
         self._written = {}

@@ -1,0 +1,170 @@
+"""torch.compile on private models (issue #13): the exact update and no false safety errors, whether the model
+is compiled after make_private or make_private is given an already compiled module; the graph-break count of
+dpengine's capture pinned on TinyGPT. Inductor on the CPU, small models (compile time dominates)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from dpengine import PrivacyEngine
+from models import TinyCNN, TinyGPT, seq_ce
+from oracle import oracle_per_sample, rel_err
+
+C = 0.05
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _mlp():
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def _case(name):
+    """(model, dataset, per-sample loss with the given reduction)."""
+    g = torch.Generator().manual_seed(0)
+    if name == "mlp":
+        return _mlp(), TensorDataset(torch.randn(24, 6, generator=g), torch.randint(0, 3, (24,), generator=g)), \
+            lambda red: (lambda o, t: F.cross_entropy(o, t, reduction=red))
+    if name == "gpt":  # tied head, padding_idx=0 (token 0 occurs), position embeddings
+        ids = torch.randint(0, 11, (24, 5), generator=g)
+        ids[:, -1] = 0
+        return TinyGPT(vocab=11, d=8, heads=2, layers=1, padding_idx=0, tie=True), \
+            TensorDataset(ids, torch.randint(0, 11, (24, 5), generator=g)), seq_ce
+    assert name == "cnn"
+    return TinyCNN(dim=2), TensorDataset(torch.randn(24, 3, 6, 6, generator=g), torch.randint(0, 3, (24,), generator=g)), \
+        lambda red: (lambda o, t: F.cross_entropy(o, t, reduction=red))
+
+
+def _steps_match_oracle(name, mode, reduction, order, steps=2):
+    """``steps`` compiled private steps (Poisson batches, sigma = 0, float64) against the per-sample oracle."""
+    torch.manual_seed(0)
+    model, ds, loss = _case(name)
+    model = model.double()
+    ds = TensorDataset(*(t.double() if t.is_floating_point() else t for t in ds.tensors))
+    ref = copy.deepcopy(model)
+    params = list(model.parameters())
+    if order == "before":
+        model = torch.compile(model, dynamic=True)
+    engine = PrivacyEngine(seed=0)
+    model, opt, dl = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(params, lr=0.5), data_loader=DataLoader(ds, batch_size=6),
+        noise_multiplier=0.0, max_grad_norm=C, grad_sample_mode=mode, loss_reduction=reduction)
+    run = torch.compile(model, dynamic=True) if order == "after" else model
+    done = 0
+    for x, y in dl:
+        if x.shape[0] < 2:  # batch sizes 0 and 1 are specialized by dynamo (one more compile each)
+            continue
+        opt.zero_grad()
+        loss(reduction)(run(x), y).backward()
+        opt.step()
+        ps = oracle_per_sample(ref, loss(reduction), x, y)
+        norms = torch.stack([t.reshape(t.shape[0], -1).pow(2).sum(1) for t in ps.values()]).sum(0).sqrt()
+        c = (C / (norms + 1e-6)).clamp(max=1.0)
+        denom = opt.expected_batch_size if reduction == "mean" else 1.0
+        expected_all = {n: torch.einsum("b,b...->...", c, t) / denom for n, t in ps.items()}
+        scale = max(float(t.abs().max()) for t in expected_all.values())  # a conv bias before a norm: ~0
+        for p, (n, p0) in zip(params, ref.named_parameters()):
+            expected = expected_all[n]
+            assert rel_err(p.grad, expected, scale) < 1e-9, (n, rel_err(p.grad, expected, scale))
+            with torch.no_grad():
+                p0.sub_(0.5 * expected)
+            assert rel_err(p.detach(), p0.detach()) < 1e-12, n
+        done += 1
+        if done == steps:
+            break
+    assert done == steps
+    assert engine.accountant.total_steps == steps
+    return model
+
+
+@pytest.mark.parametrize("mode", ["hooks", "bk"])
+def test_compiled_after_make_private_mlp(mode):
+    _steps_match_oracle("mlp", mode, "mean", "after")
+
+
+@pytest.mark.parametrize("mode,reduction", [("bk", "mean"), pytest.param("hooks", "sum", marks=pytest.mark.slow)])
+def test_compiled_after_make_private_gpt_no_false_inplace_error(mode, reduction):
+    # used to raise "the input of layer 'pos' (Embedding) was modified in place": _version read on fake tensors
+    _steps_match_oracle("gpt", mode, reduction, "after")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["hooks", "bk"])
+def test_compiled_after_make_private_cnn(mode):
+    _steps_match_oracle("cnn", mode, "sum", "after")
+
+
+@pytest.mark.parametrize("name", ["mlp", pytest.param("gpt", marks=pytest.mark.slow)])
+def test_make_private_given_compiled_module(name):
+    model = _steps_match_oracle(name, "bk", "mean", "before")
+    assert type(model).__name__ == "OptimizedModule"  # returned as given; capture sits on model._orig_mod
+
+
+def test_compiled_module_is_private_once():
+    model = _mlp()
+    ds = TensorDataset(torch.randn(12, 6), torch.randint(0, 3, (12,)))
+    PrivacyEngine().make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                 data_loader=DataLoader(ds, batch_size=4), noise_multiplier=1.0, max_grad_norm=1.0)
+    with pytest.raises(RuntimeError, match="already private"):
+        PrivacyEngine().make_private(module=torch.compile(model), optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                     data_loader=DataLoader(ds, batch_size=4), noise_multiplier=1.0, max_grad_norm=1.0)
+
+
+def test_inplace_check_still_fires_in_eager():
+    # the compiled path keeps a copy of the captured inputs; the eager path still checks versions
+    from dpengine.grad_sample.controller import PerSampleGradientError
+
+    class Bad(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = self.a(x)
+            out = self.b(h)
+            h.mul_(2.0)  # modifies b's input after b used it
+            return out
+
+    model = Bad()
+    ds = TensorDataset(torch.randn(12, 4), torch.randint(0, 2, (12,)))
+    model, opt, dl = PrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=DataLoader(ds, batch_size=4),
+        noise_multiplier=0.0, max_grad_norm=1.0, poisson_sampling=False)
+    x, y = next(iter(dl))
+    with pytest.raises(PerSampleGradientError, match="modified in place"):
+        F.cross_entropy(model(x), y).backward()
+
+
+#: graph breaks that dpengine's capture adds to TinyGPT(layers=2)'s forward (plain model: 0), measured with
+#: torch 2.13 and recompile_limit=64 so that no frame falls back to eager uncounted. One break per tracked-layer
+#: call remains: the backward side of capture (tensor hook or _Tap.backward) stores g in Python state, which
+#: dynamo refuses to trace ("HOP: Unsafe side effect"). See DESIGN.md, "torch.compile".
+GPT_GRAPH_BREAKS = 46
+
+
+def test_graph_break_count_pinned_on_tinygpt():
+    torch.manual_seed(0)
+    model = TinyGPT(vocab=11, d=8, heads=2, layers=2)
+    ds = TensorDataset(torch.randint(0, 11, (32, 6)), torch.randint(0, 11, (32, 6)))
+    x = ds.tensors[0][:8]
+    assert torch._dynamo.explain(model)(x).graph_break_count == 0
+    torch._dynamo.reset()
+    model, _, _ = PrivacyEngine(seed=0).make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=DataLoader(ds, batch_size=8),
+        noise_multiplier=0.0, max_grad_norm=1.0, grad_sample_mode="bk", poisson_sampling=False)
+    with torch._dynamo.config.patch(recompile_limit=64):
+        e = torch._dynamo.explain(model)(x)
+    assert 0 < e.graph_break_count <= GPT_GRAPH_BREAKS
+    reasons = "\n".join(b.reason for b in e.break_reasons)
+    assert "_is_view" not in reasons and "_version" not in reasons and "non-Tensor" not in reasons

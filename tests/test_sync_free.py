@@ -1,0 +1,216 @@
+"""The private step makes no host read of a device value (a GPU synchronization), and a non-finite step is
+masked on the device and reported at the next ``step()``/``zero_grad()`` (docs/DESIGN.md, "A step without
+host synchronization").
+
+CPU proxy for GPU syncs: after warm-up steps, every ``torch.Tensor`` method that copies a value to the host
+(``item``, ``__bool__``, ``__float__``, ``__int__``, ``__index__``, ``tolist``, ``cpu``, ``numpy``, and ``to``
+with a CPU device) raises while backward + step run. The data loader's batch is drawn before the window
+(the loader runs on the host by design); the non-finite flag's host copy is read through a numpy view made
+during warm-up, which is host memory (pinned, written by a non-blocking copy on CUDA), not a device read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from dpengine import PrivacyEngine
+from dpengine.bench.worker import count_ops
+from dpengine.grad_sample.registry import PerSampleGradientError
+from models import TinyGPT, seq_ce
+
+SYNC_METHODS = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist", "cpu", "numpy")
+CLIPPINGS = {"flat": {}, "per_layer": {}, "automatic": {}, "adaptive": {"unclipped_num_std": 2.0},
+             "error_feedback": {}}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _is_cpu(device: Any) -> bool:
+    return isinstance(device, (str, torch.device)) and torch.device(device).type == "cpu"
+
+
+@contextlib.contextmanager
+def no_host_reads() -> Iterator[None]:
+    saved = {name: getattr(torch.Tensor, name) for name in SYNC_METHODS}
+    original_to = torch.Tensor.to
+
+    def refuse(name: str) -> Any:
+        def method(*args: Any, **kwargs: Any) -> Any:
+            raise AssertionError(f"host read of a device value: Tensor.{name}")
+        return method
+
+    def to(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if _is_cpu(kwargs.get("device")) or (args and _is_cpu(args[0])):
+            raise AssertionError("host read of a device value: Tensor.to(cpu)")
+        return original_to(self, *args, **kwargs)
+
+    try:
+        for name in SYNC_METHODS:
+            setattr(torch.Tensor, name, refuse(name))
+        torch.Tensor.to = to  # type: ignore[method-assign]
+        yield
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
+        torch.Tensor.to = original_to  # type: ignore[method-assign]
+
+
+def _setup(kind: str, mode: str, clipping: str, optimizer: str = "sgd") -> tuple[nn.Module, Any, Any, Any]:
+    torch.manual_seed(0)
+    if kind == "mlp":
+        model: nn.Module = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.LayerNorm(7), nn.Linear(7, 3))
+        ds = TensorDataset(torch.randn(32, 5), torch.randn(32, 3))
+        loss_fn: Any = F.mse_loss
+    else:
+        model = TinyGPT(padding_idx=None, tie=False)
+        ds = TensorDataset(torch.randint(0, 11, (32, 6)), torch.randint(0, 11, (32, 6)))
+        loss_fn = seq_ce("mean")
+    opt = (torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01) if optimizer == "sgd"
+           else torch.optim.Adam(model.parameters(), lr=0.01))
+    model, dpopt, dl = PrivacyEngine(seed=0).make_private(
+        module=model, optimizer=opt, data_loader=DataLoader(ds, batch_size=8), noise_multiplier=1.0,
+        max_grad_norm=1.0, clipping=clipping, grad_sample_mode=mode, **CLIPPINGS[clipping])
+    return model, dpopt, dl, loss_fn
+
+
+def test_the_proxy_catches_a_host_read():
+    with no_host_reads(), pytest.raises(AssertionError, match="host read"):
+        bool(torch.ones(()) > 0)
+    with no_host_reads(), pytest.raises(AssertionError, match="host read"):
+        torch.ones(2).to("cpu")
+
+
+@pytest.mark.parametrize("kind", ["mlp", "gpt"])
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "bk"])
+@pytest.mark.parametrize("clipping", list(CLIPPINGS))
+def test_steady_state_step_reads_nothing_back(kind, mode, clipping):
+    # the wrapped optimizer is SGD: torch's non-capturable Adam reads its step count, a CPU tensor, with
+    # .item() (host memory, no device sync, but the proxy cannot tell it apart)
+    model, opt, dl, loss_fn = _setup(kind, mode, clipping)
+    batches = iter(dl)
+    for step in range(4):
+        x, y = next(batches)
+        before = [p.detach().clone() for p in model.parameters()]
+        with no_host_reads() if step >= 2 else contextlib.nullcontext():
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
+        assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters())), "the step did nothing"
+    opt.check_finite()  # nothing was masked
+
+
+@pytest.mark.parametrize("mode", ["hooks", "bk"])
+@pytest.mark.parametrize("clipping", ["flat", "adaptive"])
+def test_nonfinite_step_is_masked_and_reported_at_the_next_call(mode, clipping):
+    model, opt, dl, loss_fn = _setup("mlp", mode, clipping)  # SGD with momentum and weight decay
+    batches = iter(dl)
+    x, y = next(batches)
+    opt.zero_grad()
+    loss_fn(model(x), y).backward()
+    opt.step()  # builds momentum: a zero gradient alone would still move the parameters
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = next(batches)
+    x = x.clone()
+    x[0, 0] = float("nan")
+    opt.zero_grad()
+    with no_host_reads():
+        loss_fn(model(x), y).backward()  # no error, no host read: the flag stays on the device
+        opt.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    with pytest.raises(PerSampleGradientError, match="non-finite"):
+        opt.zero_grad()
+    # reported once; the user who catches it goes on from the unchanged parameters, and training works
+    x, y = next(batches)
+    opt.zero_grad()
+    loss_fn(model(x), y).backward()
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def test_masked_steps_stay_masked_until_reported(monkeypatch):
+    """On CUDA the flag's host copy may not have arrived at the next call: every step until it does is
+    masked too (the flag is sticky), and check_finite() waits for it."""
+    model, opt, dl, loss_fn = _setup("mlp", "bk", "flat")
+    batches = iter(dl)
+    real = opt._raise_if_nonfinite
+    monkeypatch.setattr(opt, "_raise_if_nonfinite", lambda wait: real(wait) if wait else None)  # copy "in flight"
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = next(batches)
+    x = x.clone()
+    x[1, 2] = float("inf")
+    opt.zero_grad()
+    loss_fn(model(x), y).backward()
+    opt.step()
+    for _ in range(2):  # clean batches, taken before the report: still no update
+        x, y = next(batches)
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    with pytest.raises(PerSampleGradientError, match="non-finite"):
+        opt.check_finite()
+    with pytest.raises(PerSampleGradientError, match="non-finite"):  # nor can a checkpoint hide it
+        model2, opt2, dl2, _ = _setup("mlp", "bk", "flat")
+        x, y = next(iter(dl2))
+        x = x.clone()
+        x[0, 0] = float("nan")
+        loss_fn(model2(x), y).backward()
+        opt2.step()
+        opt2.state_dict()
+
+
+def _ops_ratio(kind: str) -> tuple[int, int]:
+    torch.manual_seed(0)
+    if kind == "mlp":
+        def make() -> nn.Module:
+            torch.manual_seed(0)
+            return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+        x, y = torch.randn(32, 64), torch.randint(0, 10, (32,))
+    else:
+        def make() -> nn.Module:
+            torch.manual_seed(0)
+            return TinyGPT(vocab=32, d=32, heads=2, layers=2, padding_idx=None, tie=False)
+        x, y = torch.randint(0, 32, (8, 16)), torch.randint(0, 32, (8, 16))
+    loss_fn = F.cross_entropy if kind == "mlp" else seq_ce("mean")
+    plain = make()
+    plain_opt = torch.optim.SGD(plain.parameters(), lr=0.1)
+
+    def plain_step() -> None:
+        plain_opt.zero_grad()
+        loss_fn(plain(x), y).backward()
+        plain_opt.step()
+
+    model = make()
+    model, opt, dl = PrivacyEngine(seed=0).make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(TensorDataset(x, y), batch_size=len(y)), noise_multiplier=1.0, max_grad_norm=1.0,
+        poisson_sampling=False)
+
+    def private_step() -> None:
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+
+    plain_step(), private_step()  # warm-up
+    return count_ops(private_step), count_ops(plain_step)
+
+
+def test_private_step_op_count_stays_close_to_the_non_private_one():
+    private, plain = _ops_ratio("mlp")
+    # measured (torch 2.13 CPU): 214 private vs 59 plain ATen ops (3.6x), views included; the fixed cost of the
+    # device-side non-finite mask (isfinite, all, masked_fill, a foreach clone and lerp) is most of the gap
+    assert private <= 3.9 * plain, (private, plain)
