@@ -198,5 +198,33 @@ def test_batch_size_mismatch_names_the_offending_layer_first_and_briefly():
     with pytest.raises(dpengine.grad_sample.registry.PerSampleGradientError) as err:
         model(torch.randn(4, 6)).sum().backward()
     msg = str(err.value)
-    assert msg.startswith("'side' saw 2, while the other tracked layers saw a batch of 4")
+    assert msg.startswith("'side' saw 2 (output shape (2, 1)), while the other tracked layers saw a batch of 4")
     assert "batch_first=True" in msg and len(msg) < 500
+
+
+def test_time_major_error_names_the_layer_and_its_shape_first():
+    """With the private loader the batch size is known: the error starts with the offending layer and the
+    shape it saw, then the fix (batch_first=True)."""
+    torch.manual_seed(0)
+
+    class TimeMajor(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(5, 5)
+            self.head = nn.Linear(5, 2)
+
+        def forward(self, x):  # x: (B, T, d) from the loader, run time-major inside
+            return self.head(self.proj(x.transpose(0, 1)).mean(0))
+
+    data = TensorDataset(torch.randn(64, 3, 5), torch.randint(0, 2, (64,)))
+    model = TimeMajor()
+    _, opt, dl = PrivacyEngine(seed=0).make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(data, batch_size=16), noise_multiplier=0.0, max_grad_norm=1.0)
+    x, y = next(x for x in dl if len(x[0]) not in (0, 3))
+    with pytest.raises(dpengine.grad_sample.registry.PerSampleGradientError) as err:
+        F.cross_entropy(model(x), y).backward()
+    msg = str(err.value)
+    assert msg.startswith(f"'proj' saw 3 (output shape (3, {len(x)}, 5)), but the private data loader yielded a "
+                          f"batch of {len(x)} records")
+    assert "batch_first=True" in msg

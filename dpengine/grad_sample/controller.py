@@ -388,7 +388,7 @@ class GradSampleController(BatchLedger):
         self._staged: dict[nn.Parameter, Tensor] = {}
         self._staged_unclipped: dict[nn.Parameter, Tensor] = {}
         self._staged_sq: Tensor | None = None
-        self._staged_sizes: list[tuple[str, int]] = []
+        self._staged_sizes: list[tuple[str, tuple[int, ...]]] = []
         self._handles = [module.register_forward_pre_hook(self._root_pre_hook)]
         for tl in self.layers:
             self._handles.append(tl.module.register_forward_pre_hook(self._make_pre_hook(tl)))
@@ -620,34 +620,37 @@ class GradSampleController(BatchLedger):
         with torch.no_grad(), _suspend_capture():
             self._reduce(pending)
 
-    def _check_batch(self, seen: list[tuple[str, int]]) -> int:
+    def _check_batch(self, seen: list[tuple[str, tuple[int, ...]]]) -> int:
         """The batch size of this backward, checked against the batch the private loader yielded.
-        ``seen``: (layer name, dimension 0 of its captured gradient) for every record of the backward."""
+        ``seen``: (layer name, shape of its output gradient) for every record of the backward; dimension 0
+        must be the batch. An error names the offending layers and their shapes first, then the fix."""
+
+        def odd_ones(batch: int) -> str:
+            odd = list(dict.fromkeys((name, shape) for name, shape in seen if shape[0] != batch))
+            return ", ".join(f"'{name}' saw {shape[0]} (output shape {tuple(shape)})" for name, shape in odd[:3]) + \
+                (f" and {len(odd) - 3} more" if len(odd) > 3 else "")
+
         expected = self._count_loader_batch()
         if expected is not None:
-            wrong = [(name, b) for name, b in seen if b != expected]
-            if wrong:
-                detail = ", ".join(f"'{name}' saw {b}" for name, b in wrong[:6])
+            if any(shape[0] != expected for _, shape in seen):
                 raise PerSampleGradientError(
-                    f"the private data loader yielded a batch of {expected} records, but dimension 0 of the "
-                    f"input of tracked layers differs ({detail}), so per-sample gradients would mix samples. "
-                    "dpengine needs the batch as dimension 0 of every tracked layer's input: a model that is "
-                    "time-major ((T, B, d): use batch_first=True), folds the batch into another dimension "
-                    "((B, K, d) -> (B*K, d)), splits the batch into micro-batches inside its forward, or runs a "
-                    "batch-1 float tensor through a layer cannot be trained privately as it is; expand tensors "
-                    "shared by all samples to the batch (x.expand(B, ...)) before the layer.")
+                    f"{odd_ones(expected)}, but the private data loader yielded a batch of {expected} records: "
+                    "per-sample gradients would mix samples. dpengine needs the batch as dimension 0 of every "
+                    "tracked layer's input: a model that is time-major ((T, B, d): use batch_first=True), folds "
+                    "the batch into another dimension ((B, K, d) -> (B*K, d)), splits the batch into micro-batches "
+                    "inside its forward, or runs a batch-1 float tensor through a layer cannot be trained "
+                    "privately as it is; expand tensors shared by all samples to the batch (x.expand(B, ...)) "
+                    "before the layer.")
             return expected
-        sizes = {b for _, b in seen}
+        sizes = {shape[0] for _, shape in seen}
         if len(sizes) != 1:
-            common = max(sizes, key=lambda b: sum(1 for _, s in seen if s == b))
-            odd = list(dict.fromkeys((name, b) for name, b in seen if b != common))
-            detail = ", ".join(f"'{name}' saw {b}" for name, b in odd[:3]) + (f" and {len(odd) - 3} more" if len(odd) > 3 else "")
+            common = max(sizes, key=lambda b: sum(1 for _, shape in seen if shape[0] == b))
             raise PerSampleGradientError(
-                f"{detail}, while the other tracked layers saw a batch of {common}: per-sample gradients are "
-                "ill-defined. Every tracked layer must take inputs with the batch as dimension 0: use "
-                "batch_first=True for a sequence-first model, expand a tensor shared by all samples to the batch "
-                "(x.expand(B, ...)) before the layer, and iterate the loader returned by make_private so the "
-                "batch size is known.")
+                f"{odd_ones(common)}, while the other tracked layers saw a batch of {common}: per-sample "
+                "gradients are ill-defined. Every tracked layer must take inputs with the batch as dimension 0: "
+                "use batch_first=True for a sequence-first model, expand a tensor shared by all samples to the "
+                "batch (x.expand(B, ...)) before the layer, and iterate the loader returned by make_private so "
+                "the batch size is known.")
         if not self._warned_unverified:
             self._warned_unverified = True
             warnings.warn(
@@ -683,7 +686,7 @@ class GradSampleController(BatchLedger):
         with torch.no_grad(), _suspend_capture():
             self._check_record(tl, rec)
             b = rec.g.shape[0]
-            self._staged_sizes.append((tl.name, b))
+            self._staged_sizes.append((tl.name, tuple(rec.g.shape)))
             if b > 0:
                 if self._staged_sq is not None and self._staged_sq.shape[1] != b:
                     self._check_batch(self._staged_sizes)  # raises: layers disagree on the batch
@@ -712,7 +715,7 @@ class GradSampleController(BatchLedger):
 
     def _reduce(self, pending: list[tuple[TrackedLayer, Record]]) -> None:
         staged, staged_u, staged_sq = self._staged, self._staged_unclipped, self._staged_sq
-        seen = self._staged_sizes + [(tl.name, rec.g.shape[0]) for tl, rec in pending]
+        seen = self._staged_sizes + [(tl.name, tuple(rec.g.shape)) for tl, rec in pending]
         self._clear_staged()
         batch = self._check_batch(seen)
         self._check_no_leak()
