@@ -308,7 +308,13 @@ class PrivacyEngine:
 
     # ------------------------------------------------------------------------------------------ privacy
     def get_epsilon(self, delta: float) -> float:
-        """Epsilon spent so far at this delta (0 before the first step)."""
+        """Epsilon spent so far at this delta (0 before the first step).
+
+        Raises ``PerSampleGradientError`` if a step since the last check was masked for a non-finite
+        gradient (``optimizer.check_finite()``: a host synchronization on a GPU), so a run that ends on such
+        a step and reports its epsilon cannot miss it."""
+        if self.optimizer is not None and hasattr(self.optimizer, "check_finite"):
+            self.optimizer.check_finite()
         return float(self.accountant.get_epsilon(delta=delta))
 
     # ------------------------------------------------------------------------------------------ state

@@ -214,3 +214,23 @@ def test_private_step_op_count_stays_close_to_the_non_private_one():
     # measured (torch 2.13 CPU): 214 private vs 59 plain ATen ops (3.6x), views included; the fixed cost of the
     # device-side non-finite mask (isfinite, all, masked_fill, a foreach clone and lerp) is most of the gap
     assert private <= 3.9 * plain, (private, plain)
+
+
+def test_a_run_ending_on_a_masked_step_cannot_report_epsilon_without_the_error():
+    """The last step of a run is masked and no step()/zero_grad() follows: reading epsilon raises the error
+    instead of reporting a run that silently dropped its last update."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    engine = PrivacyEngine(seed=0)
+    model, opt, dl = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(TensorDataset(torch.randn(32, 5), torch.randn(32, 3)), batch_size=8),
+        noise_multiplier=1.0, max_grad_norm=1.0)
+    x, y = next(x for x in dl if len(x[0]))
+    x = x.clone()
+    x[0, 0] = float("nan")
+    F.mse_loss(model(x), y).backward()
+    opt.step()
+    with pytest.raises(PerSampleGradientError, match="non-finite"):
+        engine.get_epsilon(1e-5)
+    assert engine.get_epsilon(1e-5) > 0  # reported once; the step was counted (conservative)
