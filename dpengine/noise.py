@@ -16,6 +16,30 @@ def _noise_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
+#: most values drawn at once: a draw fills a reused scratch buffer of this many values (16 MiB in float32,
+#: twice that in secure mode), so noise for a large model costs two kernels per 4 M parameters rather than
+#: a second, parameter-sized buffer that stays allocated
+CHUNK = 1 << 22
+
+
+def _packs(items: list[tuple[Tensor, int]], chunk: int | None = None) -> list[list[tuple[Tensor, int]]]:
+    """Group tensors (with their index) into packs of at most ``chunk`` values, one draw each; a contiguous
+    tensor larger than ``chunk`` is split into 1-D pieces of its own storage (in-place adds reach it)."""
+    chunk = CHUNK if chunk is None else chunk
+    packs: list[list[tuple[Tensor, int]]] = [[]]
+    room = chunk
+    for t, i in items:
+        pieces = [t] if t.numel() <= chunk or not t.is_contiguous() else \
+            [t.view(-1)[s:s + chunk] for s in range(0, t.numel(), chunk)]
+        for piece in pieces:
+            if piece.numel() > room and packs[-1]:
+                packs.append([])
+                room = chunk
+            packs[-1].append((piece, i))
+            room -= piece.numel()
+    return [p for p in packs if p]
+
+
 class GaussianNoise:
     """Adds N(0, std^2) noise, in place, from engine-owned generators (one per device).
 
@@ -110,20 +134,21 @@ class GaussianNoise:
         for i, t in enumerate(tensors):
             groups.setdefault((t.device, _noise_dtype(t.dtype)), []).append(i)
         for (device, work), idx in groups.items():
-            ts = [tensors[i] for i in idx]
-            flat = self._standard(device, work, sum(t.numel() for t in ts))
-            views, offset = [], 0
-            for t in ts:
-                views.append(flat[offset:offset + t.numel()].view(t.shape))
-                offset += t.numel()
-            if per_tensor:
-                torch._foreach_mul_(views, [float(std[i]) for i in idx])  # type: ignore[index]
-                torch._foreach_add_(ts, views)
-            elif isinstance(std, Tensor):
-                flat.mul_(std.to(dtype=work) if std.device == device else std.to(device=device, dtype=work))
-                torch._foreach_add_(ts, views)
-            else:
-                torch._foreach_add_(ts, views, alpha=float(std))
+            for pack in _packs([(tensors[i], i) for i in idx]):
+                flat = self._standard(device, work, sum(t.numel() for t, _ in pack))
+                views, offset = [], 0
+                for t, _ in pack:
+                    views.append(flat[offset:offset + t.numel()].view(t.shape))
+                    offset += t.numel()
+                ts = [t for t, _ in pack]
+                if per_tensor:
+                    torch._foreach_mul_(views, [float(std[i]) for _, i in pack])  # type: ignore[index]
+                    torch._foreach_add_(ts, views)
+                elif isinstance(std, Tensor):
+                    flat.mul_(std.to(dtype=work) if std.device == device else std.to(device=device, dtype=work))
+                    torch._foreach_add_(ts, views)
+                else:
+                    torch._foreach_add_(ts, views, alpha=float(std))
 
     def state_dict(self) -> dict:
         """Seed and generator states, so a resumed run continues the same noise stream; in secure mode

@@ -40,6 +40,22 @@ def _step_rdp(noise_multiplier: float, sample_rate: float) -> np.ndarray:
     return rdp
 
 
+def _flat_buffer(ts: list[torch.Tensor]) -> torch.Tensor:
+    """The 1-D buffer that ``ts`` tile exactly, in order (the controller's sum buckets: no copy), else their
+    concatenation (a copy)."""
+    base = ts[0]._base
+    if base is not None and base.dim() == 1 and base.is_contiguous():
+        offset = base.storage_offset()
+        for t in ts:
+            if t._base is not base or not t.is_contiguous() or t.storage_offset() != offset:
+                break
+            offset += t.numel()
+        else:
+            if offset == base.storage_offset() + base.numel():
+                return base
+    return torch.cat([t.reshape(-1) for t in ts])
+
+
 def _segments(accountant: Any) -> list[Segment]:
     """The accountant's live list of segments, only read. ``Accountant.history`` returns a copy, linear in
     the number of segments (up to one per step under a noise schedule); the budget check runs every step,
@@ -90,6 +106,7 @@ class DPOptimizer(Optimizer):
         self.sample_rate = float(sample_rate)
         self.loss_reduction = loss_reduction
         controller.output_scale = 1.0 / self.expected_batch_size if loss_reduction is LossReduction.MEAN else 1.0
+        controller.sum_buckets.set_order(self.params)  # clipped sums laid out in this optimizer's order
         self.noise = noise
         self.accountant = accountant
         #: ``dpengine.distributed.DistributedContext`` for data-parallel training (None: one process)
@@ -309,7 +326,7 @@ class DPOptimizer(Optimizer):
         groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
         for i, g in enumerate(tensors):
             groups.setdefault((g.device, g.dtype), []).append(i)
-        flats = [torch.cat([tensors[i].view(-1) for i in idx]) for idx in groups.values()]
+        flats = [_flat_buffer([tensors[i] for i in idx]) for idx in groups.values()]
         views: list[torch.Tensor] = [torch.empty(0)] * len(tensors)
         for flat, idx in zip(flats, groups.values()):
             offset = 0

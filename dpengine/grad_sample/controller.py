@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from ..clipping import ClippingPolicy
 from . import fused
 from .functorch import FALLBACK
-from .ledger import BatchLedger
+from .ledger import BatchLedger, SumBuckets
 from .registry import (LayerHandler, NormMethod, PerSampleGradientError, Record, cross_term, direct_trainable,
                        find_handler, row_sq, weighted_sum)
 
@@ -275,12 +275,17 @@ class _OneGroup(ClippingPolicy):
         return self.fn(norms[0]).unsqueeze(0)
 
 
-def _accumulate(into: dict[nn.Parameter, Tensor], p: nn.Parameter, t: Tensor) -> None:
+def _accumulate(into: dict[nn.Parameter, Tensor], p: nn.Parameter, t: Tensor,
+                buckets: SumBuckets | None = None) -> None:
+    """``into[p] += t`` in the sum dtype; a first contribution goes into ``p``'s bucket slot if it has one."""
     t = t.to(_sum_dtype(p))
     if p in into:
         into[p].add_(t)
-    else:
-        into[p] = t
+        return
+    slot = buckets.slot(p, t.dtype) if buckets is not None else None
+    if slot is not None:
+        t = slot.copy_(t)
+    into[p] = t
 
 
 def _sum_dtype(p: Tensor) -> torch.dtype:
@@ -721,15 +726,16 @@ class GradSampleController(BatchLedger):
         self._check_no_leak()
         for tl, rec in pending:
             self._check_record(tl, rec)
-        for into, part in ((self._summed, staged), (self._unclipped, staged_u)):
+        for into, part, buckets in ((self._summed, staged, self.sum_buckets), (self._unclipped, staged_u, None)):
             for p, t in part.items():
-                _accumulate(into, p, t)
+                _accumulate(into, p, t, buckets)
         if batch == 0:  # an empty Poisson batch: nothing to clip, the step still adds noise
             self.last_norms = torch.zeros(0)
             self.last_group_norms = torch.zeros(self.policy.num_groups, 0)
             for tl, _ in pending:
                 for p in tl.params:
-                    self._summed.setdefault(p, torch.zeros_like(p, dtype=_sum_dtype(p)))
+                    if p not in self._summed:
+                        _accumulate(self._summed, p, torch.zeros_like(p, dtype=_sum_dtype(p)), self.sum_buckets)
             self.batches_accumulated += 1
             return
         sq = self._norms_and_sums(pending, batch, self._summed, self._unclipped) if pending else None
@@ -797,15 +803,16 @@ class GradSampleController(BatchLedger):
                        materialized: dict[nn.Parameter, Tensor], c: Tensor, into: dict[nn.Parameter, Tensor]) -> None:
         """sum_i c[group, i] * grad_i for every parameter, accumulated into ``into``."""
         group = self.policy.group
+        buckets = self.sum_buckets if into is self._summed else None
         for tl, rec, names in direct.values():
             by_group: dict[int, list[str]] = {}
             for n in names:
                 by_group.setdefault(group(tl.params[tl.names.index(n)]), []).append(n)
             for k, ns in by_group.items():
                 for n, t in tl.handler.clipped_sum(tl.module, rec, ns, c[k]).items():
-                    _accumulate(into, tl.params[tl.names.index(n)], t)
+                    _accumulate(into, tl.params[tl.names.index(n)], t, buckets)
         for p, ps in materialized.items():
-            _accumulate(into, p, weighted_sum(ps, c[group(p)]))
+            _accumulate(into, p, weighted_sum(ps, c[group(p)]), buckets)
 
     def _check_no_leak(self) -> None:
         for tl in self.layers:

@@ -8,7 +8,57 @@ remember the private gradient the optimizer wrote into ``p.grad``; this is that 
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
+
+
+class SumBuckets:
+    """Clipped sums as views into one flat buffer per (device, dtype), laid out in a fixed parameter order
+    (the optimizer's): the private step then noises, checks, masks and all-reduces each buffer whole, with
+    no concatenated copy of the gradients. A fresh buffer per step (the last step's ``p.grad`` are views of
+    the previous one). The layout is the same on every rank of a data-parallel run, whatever each touched."""
+
+    def __init__(self) -> None:
+        self._order: list[nn.Parameter] = []
+        self._layouts: dict[tuple[torch.device, torch.dtype], tuple[dict[int, tuple[int, int]], int]] = {}
+        self._buffers: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+    def set_order(self, params: list[nn.Parameter]) -> None:
+        self._order = [p for p in params if p.requires_grad]
+        self._layouts, self._buffers = {}, {}
+
+    def _layout(self, key: tuple[torch.device, torch.dtype]) -> tuple[dict[int, tuple[int, int]], int]:
+        if key not in self._layouts:
+            offsets, total = {}, 0
+            for q in self._order:
+                if q.device == key[0] and torch.promote_types(q.dtype, torch.float32) == key[1]:
+                    offsets[id(q)] = (total, q.numel())
+                    total += q.numel()
+            self._layouts[key] = (offsets, total)
+        return self._layouts[key]
+
+    def slot(self, p: nn.Parameter, dtype: torch.dtype) -> Tensor | None:
+        """``p``'s view into this step's buffer for ``dtype`` (uninitialised), or None if ``p`` has no slot."""
+        key = (p.device, dtype)
+        offsets, total = self._layout(key)
+        if id(p) not in offsets:
+            return None
+        buf = self._buffers.get(key)
+        if buf is None:
+            buf = self._buffers[key] = torch.empty(total, device=p.device, dtype=dtype)
+        off, n = offsets[id(p)]
+        return buf[off:off + n].view(p.shape)
+
+    def complete(self, sums: dict[nn.Parameter, Tensor]) -> None:
+        """Zero the slots no reduction wrote (a parameter no sample touched) and add them to ``sums``, so
+        each buffer is covered by views in order; then start afresh for the next step."""
+        for (device, dtype), buf in self._buffers.items():
+            offsets, _ = self._layout((device, dtype))
+            for q in self._order:
+                if id(q) in offsets and q not in sums:
+                    off, n = offsets[id(q)]
+                    sums[q] = buf[off:off + n].view(q.shape).zero_()
+        self._buffers = {}
 
 
 class BatchLedger:
@@ -24,6 +74,8 @@ class BatchLedger:
         self.repeated_batches = 0
         self.batches_accumulated = 0  # reductions since the last step
         self._summed: dict[nn.Parameter, Tensor] = {}
+        #: where the clipped sums live (the optimizer sets the order; without one, sums are separate tensors)
+        self.sum_buckets = SumBuckets()
         self._written: dict[nn.Parameter, tuple[Tensor, int]] = {}
         #: 0-dim bool device tensor, True once a reduction since the last pop saw a non-finite per-sample norm
         #: (None: nothing reduced). Kept on the device: the optimizer masks the step with it (no host read).
@@ -75,6 +127,7 @@ class BatchLedger:
     def pop_clipped_sums(self) -> dict[nn.Parameter, Tensor]:
         """The clipped sums accumulated since the last pop (and forget them)."""
         out, self._summed = self._summed, {}
+        self.sum_buckets.complete(out)
         self.batches_accumulated = self.repeated_batches = 0
         return out
 
@@ -93,6 +146,7 @@ class BatchLedger:
 
     def clear(self) -> None:
         self._summed = {}
+        self.sum_buckets.complete({})
         self.nonfinite = None
         self.batches_accumulated = self.repeated_batches = 0
         self._written = {}
