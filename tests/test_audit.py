@@ -4,6 +4,7 @@ training runs: a correct run passes, a run with noise or clipping silently switc
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from fractions import Fraction
@@ -245,3 +246,14 @@ def test_planted_bug_is_caught_black_box_and_other_backends(bug, score, mode):
     r = audit_one_run(AuditConfig(epsilon=4.0, canaries=1000, steps=300, seed=2, plant_bug=bug, score=score,
                                   grad_sample_mode=mode))
     assert not r.passed and r.lower_bound > r.reported_epsilon
+
+
+def test_shipped_audit_config_is_the_defaults_and_documents_every_key():
+    from pathlib import Path
+
+    from dpengine.audit import AuditConfig, load_audit_config
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "audit" / "default.toml"
+    assert load_audit_config(path) == AuditConfig()
+    text = path.read_text()
+    assert all(f"\n{f.name} = " in text for f in dataclasses.fields(AuditConfig))
