@@ -15,6 +15,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from dpengine.bench import runner as runner_mod
 from dpengine.bench import worker
 from dpengine.bench.cli import bench
 from dpengine.bench.report import PLOT_SKIPPED, write_all, write_csv
@@ -98,7 +99,7 @@ def test_tiny_suite_end_to_end(tmp_path: Path) -> None:
             assert float(r["p20"]) <= float(r["median"]) * (1 + 1e-9) <= float(r["p80"]) * (1 + 2e-9), r
 
     table = (out / "results_table.md").read_text()
-    assert "| model | batch | precision | mode |" in table and "opacus-hooks" in table
+    assert "| model | batch | precision | compile | mode |" in table and "opacus-hooks" in table
     assert "time_ratio_vs_nonprivate" in table and " ops (" in table
     results = (out / "RESULTS.md").read_text()
     assert "dpengine bench" in results and "![plot](bench.png)" in results
@@ -397,3 +398,179 @@ def test_default_output_dir_is_fresh_and_never_the_committed_results(tmp_path, m
     assert len(written) == 1 and not any((tmp_path / "benchmarks").iterdir())
     text = (written[0] / "RESULTS.md").read_text()
     assert "--accounting-only    # only the accounting" in text and "--accounting         #" not in text
+
+
+# ------------------------------------------------------------------------------ compile axis
+
+COMPILED = {"name": "c", "rounds": 2, "warmup": 1, "modes": ["nonprivate", "bk"], "compile": ["eager", "default"],
+            "model": [{"name": "mlp", "batch": [4]}]}
+
+
+def test_compile_axis_expands_configurations_and_is_validated() -> None:
+    suite = parse_suite(COMPILED)
+    cfgs = suite.configs()
+    assert [(c["compile"], c["mode"]) for c in cfgs] == [("eager", "nonprivate"), ("eager", "bk"),
+                                                         ("default", "nonprivate"), ("default", "bk")]
+    assert len({runner_mod.config_key(c) for c in cfgs}) == 4  # the compile setting is part of the key
+    assert {c["compile"] for c in parse_suite({**COMPILED, "compile": ["eager"]}).configs()} == {"eager"}
+    assert {c["compile"] for c in parse_suite({k: v for k, v in COMPILED.items() if k != "compile"}).configs()} \
+        == {"eager"}  # the default
+    over = suite.with_overrides(compiles=("default", "reduce-overhead"))
+    assert [c["compile"] for c in over.configs()] == ["default"] * 2 + ["reduce-overhead"] * 2
+    with pytest.raises(SuiteError, match="unknown compile setting\\(s\\) 'max-autotune-ish'"):
+        parse_suite({**COMPILED, "compile": ["max-autotune-ish"]})
+    with pytest.raises(SuiteError, match="compile must not be empty"):
+        parse_suite({**COMPILED, "compile": []})
+    with pytest.raises(SuiteError, match="compiling needs warmup >= 1"):
+        parse_suite({**COMPILED, "warmup": 0})
+    with pytest.raises(SuiteError, match="compiling needs warmup >= 1"):
+        parse_suite({**COMPILED, "compile": ["eager"], "warmup": 0}).with_overrides(compiles=("default",))
+    assert {c["compile"] for c in load_suite("compile").configs()} == {"eager", "default"}
+
+
+def _timed(times: dict[tuple[str, str], float], warmup_s: float = 3.0) -> Any:
+    def fake(cfg: dict) -> dict:
+        out = _ok(times[(cfg["mode"], cfg["compile"])])
+        out["warmup_s"] = warmup_s if cfg["compile"] != "eager" else 0.05
+        if cfg["compile"] != "eager":
+            out.update(compiled_graphs=7, graph_breaks=3)
+        return out
+    return fake
+
+
+def test_compiled_row_is_divided_by_the_compiled_nonprivate_row(tmp_path: Path) -> None:
+    suite = parse_suite(COMPILED)
+    times = {("nonprivate", "eager"): 0.010, ("bk", "eager"): 0.020,
+             ("nonprivate", "default"): 0.005, ("bk", "default"): 0.015}
+    raw = run_suite(suite, progress=False, runner=_timed(times), accounting=False)
+    by = {(s["mode"], s["compile"]): s["metrics"] for s in summarize(raw)}
+    assert by[("bk", "eager")]["time_ratio_vs_nonprivate"][0] == pytest.approx(2.0)
+    assert by[("bk", "default")]["time_ratio_vs_nonprivate"][0] == pytest.approx(3.0)  # 15 / 5, not 15 / 10
+    assert by[("bk", "default")]["time_ratio_vs_eager"][0] == pytest.approx(0.75)
+    assert by[("nonprivate", "default")]["time_ratio_vs_eager"][0] == pytest.approx(0.5)
+    assert by[("bk", "default")]["compile_s"][0] == pytest.approx(3.0)
+    assert by[("bk", "default")]["graph_breaks"][0] == 3 and by[("bk", "default")]["compiled_graphs"][0] == 7
+    assert not {"compile_s", "time_ratio_vs_eager", "graph_breaks"} & set(by[("bk", "eager")])  # eager: none
+    # CSV, table, targets carry the setting
+    paths = write_all(raw, suite, tmp_path, "dpengine bench --compile eager --compile default", echo=False)
+    with paths["csv"].open() as f:
+        rows = list(csv.DictReader(f))
+    ratio = {(r["mode"], r["compile"]): float(r["median"]) for r in rows if r["metric"] == "time_ratio_vs_nonprivate"}
+    assert ratio == {("bk", "eager"): pytest.approx(2.0), ("bk", "default"): pytest.approx(3.0)}
+    assert any(r["metric"] == "compile_s" and r["compile"] == "default" for r in rows)
+    table = paths["table"].read_text()
+    assert "| model | batch | precision | compile | mode |" in table and "compile s" in table
+    assert "| mlp | 4 | fp32 | default | bk | ok |" in table and "0.75×" in table
+    # --rebuild-report from the JSON keeps the compile column
+    res = CliRunner().invoke(bench, ["--rebuild-report", str(paths["json"]), "--output-dir", str(tmp_path / "re")])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    assert "| mlp | 4 | fp32 | default | bk | ok |" in (tmp_path / "re" / "RESULTS.md").read_text()
+
+
+def test_compile_target_against_eager() -> None:
+    suite = parse_suite({**COMPILED, "target": [{"model": "mlp", "batch": 4, "mode": "bk", "compile": "default",
+                                                 "metric": "time_ratio_vs_eager", "max": 1.0}]})
+    raw = run_suite(suite, progress=False, accounting=False, runner=_timed(
+        {("nonprivate", "eager"): 0.01, ("bk", "eager"): 0.02, ("nonprivate", "default"): 0.01,
+         ("bk", "default"): 0.03}))
+    from dpengine.bench.report import targets_table
+
+    (row,) = targets_table(suite, summarize(raw))[1]
+    assert row[3] == "default" and row[5] == "time_ratio_vs_eager" and row[6].startswith("1.50×") and row[8] == "no"
+
+
+def test_reduce_overhead_on_cpu_is_an_explicit_row_never_run(in_process: Any) -> None:
+    suite = parse_suite({**COMPILED, "rounds": 1, "compile": ["eager", "reduce-overhead"]})
+    called = []
+
+    def runner(cfg: dict) -> dict:
+        called.append((cfg["mode"], cfg["compile"]))
+        return _ok(0.01)
+
+    raw = run_suite(suite, progress=False, runner=runner, accounting=False)
+    assert called == [("nonprivate", "eager"), ("bk", "eager")]  # never started, never run as "default"
+    by = {(s["mode"], s["compile"]): s for s in summarize(raw)}
+    for mode in ("nonprivate", "bk"):
+        status = by[(mode, "reduce-overhead")]["status"]
+        assert status.startswith("not supported: compile=reduce-overhead on cpu") and "CUDA graphs" in status
+        assert not by[(mode, "reduce-overhead")]["metrics"]
+    assert any("compile=reduce-overhead" in n and "CUDA graphs" in n for n in raw["notes"])
+    rows = [r for r in to_rows(raw) if r["compile"] == "reduce-overhead"]
+    assert len(rows) == 2 and all(r["metric"] == "status" and "CUDA graphs" in r["status"] for r in rows)
+    # the worker refuses it too when started directly (before building anything)
+    out = in_process({"model": "mlp", "params": {"sizes": [8, 6, 3]}, "mode": "bk", "batch": 4,
+                      "compile": "reduce-overhead", "device": "cpu"})
+    assert out == {"status": worker.REDUCE_OVERHEAD_NEEDS_CUDA.format(device="cpu")}
+
+
+def test_results_without_compile_setting_still_load(tmp_path: Path) -> None:
+    # an older CSV: precision, no compile column
+    path = tmp_path / "results.csv"
+    old = [c for c in CSV_COLUMNS if c != "compile"]
+    path.write_text(",".join(old) + "\n" + ",".join({"model": "old", "precision": "bf16", "params": "{}"}.get(c, "")
+                                                    for c in old) + "\n")
+    write_csv([{"model": "new", "precision": "fp32", "compile": "default", "metric": "step_time_s", "median": 0.5}],
+              path)
+    with path.open() as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames or ()) == CSV_COLUMNS
+        rows = list(reader)
+    assert [(r["model"], r["precision"], r["compile"]) for r in rows] == [("old", "bf16", "eager"),
+                                                                         ("new", "fp32", "default")]
+    # an older raw run (results.jsonl / results.json): configurations without a "compile" key are eager
+    raw = run_suite(parse_suite(TWO), progress=False, accounting=False,
+                    runner=lambda cfg: _ok(0.01 if cfg["mode"] == "nonprivate" else 0.02),
+                    jsonl=tmp_path / "r.jsonl")
+    lines = []
+    for line in (tmp_path / "r.jsonl").read_text().splitlines():
+        e = json.loads(line)
+        if "config" in e:
+            e["config"].pop("compile")
+        lines.append(json.dumps(e))
+    (tmp_path / "old.jsonl").write_text("\n".join(lines) + "\n")
+    summary = summarize(load_jsonl(tmp_path / "old.jsonl"))
+    assert {s["compile"] for s in summary} == {"eager"}
+    bk = next(s for s in summary if s["mode"] == "bk")
+    assert bk["metrics"]["time_ratio_vs_nonprivate"][0] == pytest.approx(2.0)
+    res = CliRunner().invoke(bench, ["--rebuild-report", str(tmp_path / "old.jsonl"), "--output-dir",
+                                     str(tmp_path / "re")])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    assert "| mlp | 4 | fp32 | eager | bk | ok |" in (tmp_path / "re" / "RESULTS.md").read_text()
+
+
+TINY_COMPILED = """
+name = "tinyc"
+rounds = 1
+warmup = 2
+steps = 2
+threads = 1
+modes = ["nonprivate", "bk"]
+compile = ["default"]
+
+[[model]]
+name = "mlp"
+batch = [4]
+params = { sizes = [8, 6, 3] }
+"""
+
+
+@pytest.mark.slow  # ~35 s on 2 busy cores: inductor compiles in each worker subprocess
+def test_tiny_compiled_suite_end_to_end(tmp_path: Path) -> None:
+    """Real subprocess workers under torch.compile(mode=None, dynamic=True): both rows run, bk compiled after
+    make_private, compile time reported apart from the step times."""
+    suite_file = tmp_path / "tinyc.toml"
+    suite_file.write_text(TINY_COMPILED)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(bench, ["--suite", str(suite_file), "--output-dir", str(out), "--no-progress",
+                                     "--no-accounting"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    with (out / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert {r["status"] for r in rows} == {"ok"}, [r["status"] for r in rows]
+    assert {r["compile"] for r in rows} == {"default"}
+    metric = {(r["mode"], r["metric"]): float(r["median"]) for r in rows}
+    assert ("bk", "time_ratio_vs_nonprivate") in metric
+    for mode in ("nonprivate", "bk"):
+        assert metric[(mode, "compiled_graphs")] >= 1
+        assert metric[(mode, "compile_s")] > metric[(mode, "step_time_s")]  # compilation is in the warm-up
+    assert metric[("bk", "graph_breaks")] > metric[("nonprivate", "graph_breaks")]  # capture breaks the graph

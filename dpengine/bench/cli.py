@@ -12,7 +12,7 @@ from types import FrameType
 
 import click
 
-from dpengine.bench.worker import CLIPPING_VARIANTS, PRECISIONS
+from dpengine.bench.worker import CLIPPING_VARIANTS, COMPILE_MODES, PRECISIONS
 
 HELP = """Benchmark private training steps: models x modes x batch sizes, every configuration in a fresh
 subprocess, round-robin over several rounds; reports median/p20/p80 step time, samples/s, peak memory
@@ -29,6 +29,7 @@ Suites (configs/bench/NAME.toml, installed as dpengine.configs.bench):
   gpu_check  the lent-GPU check (benchmarks/gpu_check.sh): GPT-2 small bf16 and the default models
            at GPU batches in bf16 and tf32, 1 round, each worker killed after 100 s.
   hf       transformers GPT2LMHeadModel from a config (random weights, nothing downloaded).
+  compile  GPT-like and MLP, nonprivate / hooks / bk, eager and torch.compile (CPU).
   (--suite also takes a path to a .toml file; --list lists the suites)
 
 \b
@@ -38,9 +39,16 @@ Each row also counts launches per step in one extra untimed step: ATen operators
 kernels on CUDA, with the DP / non-private ratio.
 
 \b
+Compilation (--compile, repeatable; replaces the suite's, default eager): eager, default,
+reduce-overhead: torch.compile(model, mode=..., dynamic=True) after make_private, the non-private
+baseline compiled alike (x NP compares like with like); compile time (the warm-up's wall time) is
+reported apart as compile_s; reduce-overhead (CUDA graphs) is refused on CPU.
+
+\b
 Writes into --output-dir: results.jsonl (raw, appended as each configuration finishes, kept if the
 run is interrupted or killed; --rebuild-report takes it), results.csv (long format, appended),
 results.json, results_table.md, bench.png (skipped with a note without matplotlib) and RESULTS.md.
+
 Example: dpengine bench --quick --precision fp32 --precision bf16 --output-dir /tmp/bq
 """
 
@@ -75,6 +83,9 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Override the suite's device.")
 @click.option("--precision", "precisions", type=click.Choice(PRECISIONS), multiple=True,
               help="Precision(s) to run (repeatable); default: the suite's (fp32 unless it says otherwise).")
+@click.option("--compile", "compiles", type=click.Choice(COMPILE_MODES), multiple=True,
+              help="torch.compile setting(s) to run (repeatable): eager (not compiled), default, reduce-overhead "
+                   "(CUDA only); default: the suite's (eager unless it says otherwise).")
 @click.option("--clipping", "clippings", type=click.Choice(CLIPPING_VARIANTS), multiple=True,
               help="Also run every dpengine backend with this clipping mode (repeatable); rows are labelled "
                    "BACKEND+MODE, e.g. bk+per_layer, next to the flat rows.")
@@ -88,7 +99,7 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 def bench(suite_name: str, quick: bool, output_dir: Path | None, rounds: int | None, steps: int | None,
           min_time_s: float | None, warmup: int | None, threads: int | None, device: str | None,
-          precisions: tuple[str, ...], clippings: tuple[str, ...], accounting: bool | None, accounting_only: bool, rebuild_report: Path | None,
+          precisions: tuple[str, ...], compiles: tuple[str, ...], clippings: tuple[str, ...], accounting: bool | None, accounting_only: bool, rebuild_report: Path | None,
           list_suites: bool, progress: bool) -> None:
     from dpengine.bench.report import write_all
     from dpengine.bench.runner import run_suite
@@ -105,7 +116,8 @@ def bench(suite_name: str, quick: bool, output_dir: Path | None, rounds: int | N
     try:
         suite = load_suite("quick" if quick else suite_name)
         suite = suite.with_overrides(rounds=rounds, steps=steps, min_time_s=min_time_s, warmup=warmup, threads=threads,
-                                     device=device, precisions=precisions or None).with_clippings(clippings)
+                                     device=device, precisions=precisions or None,
+                                     compiles=compiles or None).with_clippings(clippings)
     except SuiteError as e:
         raise click.UsageError(str(e)) from None
     if suite.device == "cuda" and rebuild_report is None and not accounting_only:

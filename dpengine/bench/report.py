@@ -13,14 +13,15 @@ from typing import Any
 
 from dpengine.bench.runner import CSV_COLUMNS
 from dpengine.bench.suite import Suite
-from dpengine.bench.worker import PRECISIONS
+from dpengine.bench.worker import COMPILE_MODES, PRECISIONS
 
 MODE_ORDER = ("nonprivate", "hooks", "ghost", "bk", "fused", "opacus-hooks", "opacus-ghost")
 
 
 def _migrate_csv(path: Path) -> None:
     """Rewrite ``path`` under the current header if an older version of the bench wrote it (columns added
-    since are left empty, except ``precision``, which was always fp32)."""
+    since are left empty, except ``precision``, which was always fp32, and ``compile``, which was always
+    eager)."""
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
         if tuple(reader.fieldnames or ()) == CSV_COLUMNS:
@@ -30,7 +31,7 @@ def _migrate_csv(path: Path) -> None:
     with tmp.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore", restval="")
         w.writeheader()
-        w.writerows({"precision": "fp32", **r} for r in rows)
+        w.writerows({"precision": "fp32", "compile": "eager", **r} for r in rows)
     tmp.replace(path)
 
 
@@ -93,24 +94,27 @@ def _launches(m: dict[str, Any]) -> str:
 
 
 def main_table(summary: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    head = ["model", "batch", "precision", "mode", "status", "step ms (p20–p80)", "samples/s", "peak MB",
-            "peak−base MB", "time ×NP", "peak mem ×NP", "launches/step (×NP)", "time ×best Opacus"]
+    head = ["model", "batch", "precision", "compile", "mode", "status", "step ms (p20–p80)", "samples/s", "compile s",
+            "peak MB", "peak−base MB", "time ×NP", "time ×eager", "peak mem ×NP", "launches/step (×NP)",
+            "time ×best Opacus"]
     rows = []
     order = {m: i for i, m in enumerate(MODE_ORDER)}
     for s in sorted(summary, key=lambda s: (s["model"], json.dumps(s.get("params", {})), s["batch"],
-                                            _precision_rank(s), order.get(s["mode"], 99))):
-        m, precision = s["metrics"], s.get("precision", "fp32")
+                                            _precision_rank(s), _compile_rank(s), order.get(s["mode"], 99))):
+        m, precision, compiled = s["metrics"], s.get("precision", "fp32"), s.get("compile", "eager")
         if not m:
-            rows.append([_model_label(s), str(s["batch"]), precision, s["mode"], _short(s["status"])]
-                        + ["–"] * (len(head) - 5))
+            rows.append([_model_label(s), str(s["batch"]), precision, compiled, s["mode"], _short(s["status"])]
+                        + ["–"] * (len(head) - 6))
             continue
         med, p20, p80, _ = m["step_time_s"]
         best = s.get("best_opacus", {}).get("time")
         rows.append([
-            _model_label(s), str(s["batch"]), precision, s["mode"], "ok" + (f" ({s['note']})" if s.get("note") else ""),
+            _model_label(s), str(s["batch"]), precision, compiled, s["mode"],
+            "ok" + (f" ({s['note']})" if s.get("note") else ""),
             f"{med * 1e3:.1f} ({p20 * 1e3:.1f}–{p80 * 1e3:.1f})", f"{m['samples_per_s'][0]:.0f}",
+            _f(m["compile_s"][0], "{:.1f}") if "compile_s" in m else "–",
             f"{m['peak_mem_mb'][0]:.0f}", f"{m['step_mem_mb'][0]:.0f}", _ratio(m, "time_ratio_vs_nonprivate"),
-            _ratio(m, "mem_ratio_vs_nonprivate"), _launches(m),
+            _ratio(m, "time_ratio_vs_eager"), _ratio(m, "mem_ratio_vs_nonprivate"), _launches(m),
             _ratio(m, "time_ratio_vs_best_opacus") + (f" [{best}]" if best else "")])
     return head, rows
 
@@ -124,6 +128,11 @@ def _short(status: str) -> str:
 def _precision_rank(s: dict[str, Any]) -> int:
     p = s.get("precision", "fp32")
     return PRECISIONS.index(p) if p in PRECISIONS else 99
+
+
+def _compile_rank(s: dict[str, Any]) -> int:
+    c = s.get("compile", "eager")
+    return COMPILE_MODES.index(c) if c in COMPILE_MODES else 99
 
 
 def accounting_table(acc: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
@@ -141,14 +150,15 @@ def accounting_table(acc: list[dict[str, Any]]) -> tuple[list[str], list[list[st
 
 
 def targets_table(suite: Suite, summary: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    head = ["model", "batch", "precision", "mode", "metric", "measured (p20–p80)", "target", "met", "reference"]
+    head = ["model", "batch", "precision", "compile", "mode", "metric", "measured (p20–p80)", "target", "met",
+            "reference"]
     rows = []
     for t in suite.targets:
         hit = [s for s in summary if s["model"] == t.model and s["batch"] == t.batch and s["mode"] == t.mode
-               and s.get("precision", "fp32") == t.precision]
+               and s.get("precision", "fp32") == t.precision and s.get("compile", "eager") == t.compile]
         val = hit[0]["metrics"].get(t.metric) if hit and hit[0]["metrics"] else None
         met = "–" if val is None else ("yes" if val[0] <= t.max else "no")
-        rows.append([t.model, str(t.batch), t.precision, t.mode, t.metric, _ratio({t.metric: val}, t.metric) if val else
+        rows.append([t.model, str(t.batch), t.precision, t.compile, t.mode, t.metric, _ratio({t.metric: val}, t.metric) if val else
                      (hit[0]["status"] if hit else "not run"), f"≤ {t.max:g}×", met, t.note])
     return head, rows
 
@@ -192,11 +202,13 @@ def plot(summary: list[dict[str, Any]], path: Path, title: str = "") -> bool:
     except ImportError:
         return False
 
-    def group(s: dict[str, Any]) -> tuple[str, int, str]:
-        return _model_label(s), s["batch"], s.get("precision", "fp32")
+    def group(s: dict[str, Any]) -> tuple[str, int, str, str]:
+        return _model_label(s), s["batch"], s.get("precision", "fp32"), s.get("compile", "eager")
 
     several = len({s.get("precision", "fp32") for s in summary}) > 1
-    groups = sorted({group(s) for s in summary}, key=lambda g: (g[0], g[1], _precision_rank({"precision": g[2]})))
+    several_c = len({s.get("compile", "eager") for s in summary}) > 1
+    groups = sorted({group(s) for s in summary}, key=lambda g: (g[0], g[1], _precision_rank({"precision": g[2]}),
+                                                                 _compile_rank({"compile": g[3]})))
     modes = [m for m in MODE_ORDER if any(s["mode"] == m and s["metrics"] for s in summary)]
     fig, axes = plt.subplots(1, 3, figsize=(6 + 2.2 * max(len(groups), 1) * 1.5, 4.5))
     panels = [("samples_per_s", "samples / s (log)", True), ("time_ratio_vs_nonprivate", "step time × non-private (log)", True),
@@ -217,7 +229,8 @@ def plot(summary: list[dict[str, Any]], path: Path, title: str = "") -> bool:
                 ax.bar(xs, ys, width, yerr=[lo, hi], label=mode, capsize=2,
                        color=plt.get_cmap("tab10")(MODE_ORDER.index(mode) % 10))
         ax.set_xticks(range(len(groups)))
-        ax.set_xticklabels([f"{lab}\nb={b}" + (f" {p}" if several else "") for lab, b, p in groups], fontsize=7)
+        ax.set_xticklabels([f"{lab}\nb={b}" + (f" {p}" if several else "") + (f"\n{c}" if several_c else "")
+                            for lab, b, p, c in groups], fontsize=7)
         ax.set_ylabel(label)
         if log:
             ax.set_yscale("log")
@@ -247,7 +260,7 @@ dpengine bench --accounting-only    # only the accounting micro-benchmark
 dpengine bench --rounds 7 --steps 20 --threads 2 --output-dir benchmarks   # results you mean to commit
 ```
 
-Every (model, mode, batch, precision) configuration runs in a fresh subprocess (`python -m dpengine.bench.worker
+Every (model, mode, batch, precision, compile) configuration runs in a fresh subprocess (`python -m dpengine.bench.worker
 --config JSON`), so its peak memory is its own. Rounds go round-robin over the configurations (the order
 reverses every round), each round doing `warmup` untimed then at least `steps` timed steps (more until `min_time_s`
 of step time) on a fixed batch.
@@ -268,10 +281,25 @@ operators dispatched (a `TorchDispatchMode` counter: forward, backward and optim
 on CUDA, kernels seen by `torch.profiler` (`kernels_per_step`); the table shows kernels where counted, else
 operators, with DP / non-private (`ops_ratio_vs_nonprivate`, `kernels_ratio_vs_nonprivate`).
 
+Compilation (`--compile`, several allowed; suite key `compile`, default `eager`): `eager` (not compiled),
+`default` and `reduce-overhead` (`torch.compile(model, mode=..., dynamic=True)`, applied *after*
+`make_private` for dpengine and Opacus modes, and to the non-private baseline alike, so ×NP divides by the
+non-private row of the same model, batch, precision *and* compile setting). Compilation happens in the
+warm-up steps: `compile s` (`compile_s`) is their wall time, compilation included, and the timed steps
+exclude it (a recompilation during them is named in the row's note); `compiled_graphs` and `graph_breaks`
+are dynamo's counts (ATen operators per step are not counted for compiled rows: inductor's kernels are
+not ATen operators; CUDA kernels are); `time ×eager` (`time_ratio_vs_eager`) is a compiled row's step time over the eager
+row of the same mode, model, batch and precision (per-round ratios, as ×NP). A mode that fails to compile is an error row with torch's reason. Dynamo reaching its
+recompile limit (it then runs that frame eagerly, silently) is named in the note. On CPU a compiled row's peak
+memory (RSS high-water mark) includes inductor's own memory while it compiled in the warm-up, so its
+`peak mem ×NP` is not the training step's alone. `reduce-overhead`
+(CUDA graphs) is refused on CPU; on CUDA it runs with inductor's `cudagraph_or_error`, so a graph that
+cannot be captured fails the row rather than running as mode `default`.
+
 Files: `results.jsonl` (raw: one line per worker run, appended as each finishes, so an interrupted or
 killed run keeps what it measured; `dpengine bench --rebuild-report results.jsonl` reports its last run),
 `results.csv` (long format, appended by every run: timestamp, commit, device, versions, suite, model,
-params, mode, precision, clipping, batch, metric, median, p20, p80, n, status, note), `results.json` (the
+params, mode, precision, compile, clipping, batch, metric, median, p20, p80, n, status, note), `results.json` (the
 latest run, raw per-round numbers included), `results_table.md`, `bench.png` (needs matplotlib).
 """
 
@@ -290,7 +318,7 @@ def results_md(raw: dict[str, Any], suite: Suite, summary: list[dict[str, Any]],
     if suite.description:
         parts += [suite.description.strip(), ""]
     if suite.targets:
-        parts += ["## Targets (DP / non-private, from the same run)\n", markdown(*targets_table(suite, summary))]
+        parts += ["## Targets (ratios from the same run)\n", markdown(*targets_table(suite, summary))]
     parts += ["## Step time, throughput, memory\n", markdown(*main_table(summary))]
     if plot_name:
         parts.append(f"![plot]({plot_name})\n")

@@ -22,14 +22,17 @@ from typing import Any, Callable
 
 from dpengine.bench.suite import Suite
 from dpengine.bench.worker import (DPENGINE_MODES, FUSED_NEEDS_CUDA, NOT_IMPLEMENTED, OPACUS_MISSING, OPACUS_MODES,
-                                   implemented, opacus_available, split_mode, unsupported)
+                                   compile_unsupported, implemented, opacus_available, split_mode, unsupported)
 
 CSV_COLUMNS = ("timestamp", "commit", "device", "torch", "triton", "opacus", "suite", "model", "params", "mode",
-               "precision", "clipping", "batch", "threads", "rounds", "metric", "median", "p20", "p80", "n", "status",
+               "precision", "compile", "clipping", "batch", "threads", "rounds", "metric", "median", "p20", "p80", "n", "status",
                "note")
 # per-step launch counts (worker key == metric) and their DP / non-private ratio metric
 COUNT_METRICS = {"ops_per_step": "ops_ratio_vs_nonprivate", "kernels_per_step": "kernels_ratio_vs_nonprivate"}
 INTERRUPTED = "not run: interrupted"
+# per-round worker keys of compiled rows (torch.compile): warm-up wall time, compilation included, as
+# ``compile_s``; dynamo's graph and graph-break counts
+COMPILE_METRICS = {"warmup_s": "compile_s", "compiled_graphs": "compiled_graphs", "graph_breaks": "graph_breaks"}
 
 
 def quantiles(xs: list[float]) -> tuple[float, float, float]:
@@ -134,11 +137,11 @@ def run_worker(cfg: dict[str, Any], timeout: float = 1800.0) -> dict[str, Any]:
 
 def config_key(cfg: dict[str, Any]) -> tuple:
     return (cfg["model"], json.dumps(cfg.get("params", {}), sort_keys=True), cfg["batch"], cfg["mode"],
-            cfg.get("precision", "fp32"))
+            cfg.get("precision", "fp32"), cfg.get("compile", "eager"))
 
 
 def _label(cfg: dict[str, Any]) -> str:
-    return f"{cfg['model']}/{cfg['mode']}/b{cfg['batch']}/{cfg.get('precision', 'fp32')}"
+    return f"{cfg['model']}/{cfg['mode']}/b{cfg['batch']}/{cfg.get('precision', 'fp32')}/{cfg.get('compile', 'eager')}"
 
 
 def skip_status(cfg: dict[str, Any], device: str) -> str | None:
@@ -153,7 +156,7 @@ def skip_status(cfg: dict[str, Any], device: str) -> str | None:
         return "skipped: CUDA unavailable"
     if mode in OPACUS_MODES and not opacus_available():
         return OPACUS_MISSING
-    return unsupported(mode, cfg.get("precision", "fp32"))
+    return unsupported(mode, cfg.get("precision", "fp32")) or compile_unsupported(cfg.get("compile", "eager"), device)
 
 
 def run_notes(entries: list[dict[str, Any]]) -> list[str]:
@@ -168,7 +171,8 @@ def run_notes(entries: list[dict[str, Any]]) -> list[str]:
     for e in entries:
         if e["status"].startswith("not supported") or e["status"] == OPACUS_MISSING:
             c = e["config"]
-            by_reason.setdefault(e["status"], set()).add(f"{c['mode']} at {c.get('precision', 'fp32')}")
+            compiled = "" if c.get("compile", "eager") == "eager" else f", compile={c['compile']}"
+            by_reason.setdefault(e["status"], set()).add(f"{c['mode']} at {c.get('precision', 'fp32')}{compiled}")
     notes += [f"{', '.join(sorted(what))}: {reason}" for reason, what in by_reason.items()]
     notes += list(dict.fromkeys(r["note"] for e in entries for r in e["rounds"] if r.get("note")))
     return notes
@@ -335,16 +339,20 @@ def summarize(raw: dict[str, Any]) -> list[dict[str, Any]]:
     """One dict per configuration: config fields, status and ``metrics: {name: (median, p20, p80, n)}``."""
     entries = raw["configs"]
     def group_key(c: dict[str, Any]) -> tuple:
-        return c["model"], json.dumps(c.get("params", {}), sort_keys=True), c["batch"], c.get("precision", "fp32")
+        return (c["model"], json.dumps(c.get("params", {}), sort_keys=True), c["batch"], c.get("precision", "fp32"),
+                c.get("compile", "eager"))
 
     by_group: dict[tuple, dict[str, dict[str, Any]]] = {}
+    eager: dict[tuple, dict[str, Any]] = {}  # the eager entry of each (model, params, batch, precision, mode)
     for e in entries:
         by_group.setdefault(group_key(e["config"]), {})[e["config"]["mode"]] = e
+        if e["config"].get("compile", "eager") == "eager":
+            eager[(*group_key(e["config"])[:-1], e["config"]["mode"])] = e
     out = []
     for e in entries:
         c = e["config"]
         ok = e["status"] == "ok" and e["rounds"]
-        s = {**c, "precision": c.get("precision", "fp32"), "metrics": {},
+        s = {**c, "precision": c.get("precision", "fp32"), "compile": c.get("compile", "eager"), "metrics": {},
              "status": e["status"] if e["rounds"] or e["status"] != "ok" else "error: no rounds",
              "note": "; ".join(dict.fromkeys(r["note"] for r in e["rounds"] if r.get("note")))}
         out.append(s)
@@ -362,6 +370,15 @@ def summarize(raw: dict[str, Any]) -> list[dict[str, Any]]:
             counts = [r[key] for r in e["rounds"] if r.get(key) is not None]
             if counts:
                 m[key] = (*quantiles(counts), len(counts))
+        if s["compile"] != "eager":
+            for key, metric in COMPILE_METRICS.items():
+                vals = [r[key] for r in e["rounds"] if r.get(key) is not None]
+                if vals:
+                    m[metric] = (*quantiles(vals), len(vals))
+            ref = eager.get((*group_key(c)[:-1], c["mode"]))
+            if ref and ref["status"] == "ok" and ref["rounds"]:  # compiled / eager step time, same mode and round
+                m["time_ratio_vs_eager"] = (*_paired(_round_medians(e), _round_medians(ref)),
+                                            min(len(e["rounds"]), len(ref["rounds"])))
         if c["mode"] == "nonprivate":
             continue
         group = by_group[group_key(c)]
@@ -401,7 +418,8 @@ def to_rows(raw: dict[str, Any], summary: list[dict[str, Any]] | None = None) ->
     rows = []
     for s in summary:
         common = {**base, "model": s["model"], "params": json.dumps(s.get("params", {}), sort_keys=True),
-                  "mode": s["mode"], "precision": s.get("precision", "fp32"), "clipping": s["clipping"],
+                  "mode": s["mode"], "precision": s.get("precision", "fp32"), "compile": s.get("compile", "eager"),
+                  "clipping": s["clipping"],
                   "batch": s["batch"], "note": s.get("note", "")}
         if not s["metrics"]:
             rows.append({**common, "metric": "status", "median": math.nan, "p20": math.nan, "p80": math.nan,
@@ -412,7 +430,7 @@ def to_rows(raw: dict[str, Any], summary: list[dict[str, Any]] | None = None) ->
     for a in raw.get("accounting", []):
         timed = "median_s" in a
         rows.append({**base, "model": a.get("task", ""), "params": "", "mode": a.get("provider", ""),
-                     "precision": "", "clipping": "", "batch": "", "note": "",
+                     "precision": "", "compile": "", "clipping": "", "batch": "", "note": "",
                      "metric": "accounting_time_s" if timed else "status",
                      "median": a.get("median_s", math.nan), "p20": a.get("p20_s", math.nan),
                      "p80": a.get("p80_s", math.nan), "n": a.get("repeats", ""),

@@ -15,6 +15,8 @@ A suite file::
     clipping = "flat"
     accounting = true   # also run the accounting micro-benchmark
     modes = ["nonprivate", "hooks", "ghost", "bk", "fused", "opacus-hooks", "opacus-ghost"]
+    compile = ["eager", "default"]  # optional: torch.compile settings (default ["eager"]); every mode, the
+                                    # non-private baseline included, runs under each
 
     [[model]]
     name = "gpt"
@@ -40,10 +42,11 @@ from pathlib import Path
 from typing import Any
 
 from dpengine.bench.models import MODELS
-from dpengine.bench.worker import CLIPPING_VARIANTS, DPENGINE_MODES, MODES, PRECISIONS, known_mode
+from dpengine.bench.worker import CLIPPING_VARIANTS, COMPILE_MODES, DPENGINE_MODES, MODES, PRECISIONS, known_mode
 
 RATIO_METRICS = ("time_ratio_vs_nonprivate", "mem_ratio_vs_nonprivate", "time_ratio_vs_best_opacus",
-                 "mem_ratio_vs_best_opacus", "ops_ratio_vs_nonprivate", "kernels_ratio_vs_nonprivate")
+                 "mem_ratio_vs_best_opacus", "ops_ratio_vs_nonprivate", "kernels_ratio_vs_nonprivate",
+                 "time_ratio_vs_eager")
 
 
 class SuiteError(ValueError):
@@ -62,6 +65,14 @@ def _check_precisions(where: str, precisions: tuple[str, ...]) -> None:
     bad = [p for p in precisions if p not in PRECISIONS]
     if bad:
         raise SuiteError(f"{where}: unknown precision(s) {', '.join(map(repr, bad))}; known: {', '.join(PRECISIONS)}")
+
+
+def _check_compiles(where: str, compiles: tuple[str, ...]) -> None:
+    if not compiles:
+        raise SuiteError(f"{where}: compile must not be empty (use [\"eager\"] for no compilation)")
+    bad = [c for c in compiles if c not in COMPILE_MODES]
+    if bad:
+        raise SuiteError(f"{where}: unknown compile setting(s) {', '.join(map(repr, bad))}; known: {', '.join(COMPILE_MODES)}")
 
 
 def _check_modes(where: str, modes: tuple[str, ...]) -> None:
@@ -105,12 +116,14 @@ class Target:
     max: float
     note: str = ""
     precision: str = "fp32"
+    compile: str = "eager"
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
             raise SuiteError(f"target: unknown model {self.model!r}; known: {', '.join(sorted(MODELS))}")
         _check_modes("target", (self.mode,))
         _check_precisions("target", (self.precision,))
+        _check_compiles("target", (self.compile,))
         if self.metric not in RATIO_METRICS:
             raise SuiteError(f"target: unknown metric {self.metric!r}; known: {', '.join(RATIO_METRICS)}")
 
@@ -121,6 +134,7 @@ class Suite:
     models: tuple[ModelSpec, ...]
     modes: tuple[str, ...] = ("nonprivate", "bk")
     precisions: tuple[str, ...] = ("fp32",)
+    compiles: tuple[str, ...] = ("eager",)  # TOML key `compile`
     rounds: int = 3
     warmup: int = 2
     steps: int = 5
@@ -137,6 +151,7 @@ class Suite:
     def __post_init__(self) -> None:
         _check_modes(f"suite {self.name!r}", self.modes)
         _check_precisions(f"suite {self.name!r}", self.precisions)
+        _check_compiles(f"suite {self.name!r}", self.compiles)
         if not self.models:
             raise SuiteError(f"suite {self.name!r}: needs at least one [[model]]")
         for key in ("rounds", "steps", "threads", "max_steps"):
@@ -145,6 +160,9 @@ class Suite:
                 raise SuiteError(f"suite {self.name!r}: {key} must be a positive integer, got {v!r}")
         if not isinstance(self.warmup, int) or self.warmup < 0:
             raise SuiteError(f"suite {self.name!r}: warmup must be a non-negative integer, got {self.warmup!r}")
+        if self.warmup < 1 and any(c != "eager" for c in self.compiles):
+            raise SuiteError(f"suite {self.name!r}: compiling needs warmup >= 1 (compilation happens in the warm-up "
+                             f"steps, so the timed steps exclude it), got warmup={self.warmup!r}")
         if not isinstance(self.min_time_s, (int, float)) or self.min_time_s < 0:
             raise SuiteError(f"suite {self.name!r}: min_time_s must be a non-negative number, got {self.min_time_s!r}")
         if not isinstance(self.worker_timeout_s, (int, float)) or self.worker_timeout_s <= 0:
@@ -154,20 +172,22 @@ class Suite:
             raise SuiteError(f"suite {self.name!r}: device must be 'cpu' or 'cuda', got {self.device!r}")
 
     def configs(self) -> list[dict[str, Any]]:
-        """Every (precision, model, batch, mode) configuration, in a stable order: precision outermost, so
-        a run cut short (a time limit) has finished whole precisions first, in the suite's order."""
+        """Every (precision, compile, model, batch, mode) configuration, in a stable order: precision, then
+        compile outermost, so a run cut short (a time limit) has finished whole precisions and compile
+        settings first, in the suite's order."""
         out = []
         for precision in dict.fromkeys(p for m in self.models for p in (m.precisions or self.precisions)):
-            for m in self.models:
-                if precision not in (m.precisions or self.precisions):
-                    continue
-                for b in m.batch:
-                    for mode in m.modes or self.modes:
-                        out.append({"model": m.name, "params": m.params_dict, "batch": b, "mode": mode,
-                                    "precision": precision, "clipping": self.clipping, "warmup": self.warmup,
-                                    "steps": self.steps, "min_time_s": self.min_time_s,
-                                    "max_steps": self.max_steps, "threads": self.threads, "device": self.device,
-                                    "seed": 0})
+            for compile_mode in self.compiles:
+                for m in self.models:
+                    if precision not in (m.precisions or self.precisions):
+                        continue
+                    for b in m.batch:
+                        for mode in m.modes or self.modes:
+                            out.append({"model": m.name, "params": m.params_dict, "batch": b, "mode": mode,
+                                        "precision": precision, "compile": compile_mode, "clipping": self.clipping,
+                                        "warmup": self.warmup, "steps": self.steps, "min_time_s": self.min_time_s,
+                                        "max_steps": self.max_steps, "threads": self.threads,
+                                        "device": self.device, "seed": 0})
         return out
 
     def with_clippings(self, clippings: tuple[str, ...]) -> Suite:
@@ -193,6 +213,8 @@ class Suite:
         import dataclasses
 
         kw = {k: v for k, v in kw.items() if v is not None}
+        if "compiles" in kw:
+            kw["compiles"] = tuple(kw["compiles"])
         if "precisions" in kw:
             kw["precisions"] = tuple(kw["precisions"])
             _check_precisions(f"suite {self.name!r}", kw["precisions"])
@@ -202,9 +224,9 @@ class Suite:
 
 _SCALARS = ("rounds", "warmup", "steps", "min_time_s", "max_steps", "threads", "device", "clipping", "accounting",
             "worker_timeout_s", "description")
-_SUITE_KEYS = {"name", *_SCALARS, "modes", "precisions", "model", "target"}
+_SUITE_KEYS = {"name", *_SCALARS, "modes", "precisions", "compile", "model", "target"}
 _MODEL_KEYS = {"name", "batch", "params", "modes", "precisions"}
-_TARGET_KEYS = {"model", "batch", "mode", "metric", "max", "note", "precision"}
+_TARGET_KEYS = {"model", "batch", "mode", "metric", "max", "note", "precision", "compile"}
 
 
 def parse_suite(data: dict[str, Any], default_name: str = "suite") -> Suite:
@@ -231,6 +253,8 @@ def parse_suite(data: dict[str, Any], default_name: str = "suite") -> Suite:
     for key in ("modes", "precisions"):
         if key in data:
             kw[key] = tuple(data[key])
+    if "compile" in data:
+        kw["compiles"] = tuple(data["compile"]) if isinstance(data["compile"], list) else (data["compile"],)
     return Suite(name=name, models=tuple(models), targets=tuple(targets), **kw)
 
 

@@ -2,11 +2,21 @@
 
     python -m dpengine.bench.worker --config '{"model": "mlp", "mode": "bk", "batch": 256, ...}'
 
-Keys: model, params, mode, batch, precision (fp32 | tf32 | bf16 | fp16, see :data:`PRECISIONS`), clipping,
-warmup, steps (at least), min_time_s (keep timing until this much step time is collected, up to max_steps),
-threads, device, seed, noise_multiplier, max_grad_norm. Output: {"status": "ok", "step_times": [...],
-"baseline_rss_mb", "prestep_rss_mb", "peak_mem_mb", "ops_per_step", "kernels_per_step" (CUDA), "note", ...}
+Keys: model, params, mode, batch, precision (fp32 | tf32 | bf16 | fp16, see :data:`PRECISIONS`), compile
+(eager | default | reduce-overhead, see :data:`COMPILE_MODES`), clipping, warmup, steps (at least),
+min_time_s (keep timing until this much step time is collected, up to max_steps), threads, device, seed,
+noise_multiplier, max_grad_norm. Output: {"status": "ok", "step_times": [...], "baseline_rss_mb",
+"prestep_rss_mb", "peak_mem_mb", "warmup_s", "ops_per_step", "kernels_per_step" (CUDA), "note", ...;
+compiled rows add "compiled_graphs", "graph_breaks"}
 or {"status": "error: ..." | "not supported: ..." | "skipped: ..."}; the process always exits 0 once it could print.
+
+Compilation: with compile != "eager" the model is wrapped in ``torch.compile(model, mode=..., dynamic=True)``
+*after* make_private (dpengine's or Opacus'; the non-private baseline the same way), so ratios compare like
+with like. Compilation happens in the warm-up steps: ``warmup_s`` is their wall time (reported as ``compile_s``
+for compiled rows) and the timed steps exclude it; a graph compiled during the timed steps (a recompilation)
+is named in the row's note. ``reduce-overhead`` (CUDA graphs) is refused on CPU, and on CUDA runs with
+inductor's ``cudagraph_or_error`` so a graph that cannot be captured fails the row instead of silently
+running as mode "default". Dynamo hitting its recompile limit (later frames then run eagerly) is noted too.
 
 Launch counts come from one extra, untimed step after the timed ones (and after the peak memory is read):
 ``ops_per_step`` counts the ATen operators dispatched to a backend (a ``TorchDispatchMode`` counter: the
@@ -23,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import sys
 import time
@@ -54,6 +65,11 @@ OPACUS_MISSING = "skipped: opacus is not installed"
 # forward and the loss in that dtype, parameters and optimizer in float32; fp16 adds torch.amp.GradScaler.
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 TF32_ON_CPU = "tf32 = fp32 on CPU: no TF32 matrix units"
+#: "eager": not compiled; otherwise the ``torch.compile`` mode ("default" is mode=None)
+COMPILE_MODES = ("eager", "default", "reduce-overhead")
+REDUCE_OVERHEAD_NEEDS_CUDA = ("not supported: compile=reduce-overhead on {device}: CUDA graphs need a CUDA device "
+                              "(on {device} torch.compile would run it as mode 'default', which the compile=default "
+                              "rows measure)")
 _NO_GRAD_SCALER = {
     "dpengine": "dpengine clips per-sample gradients inside backward and writes p.grad only in optimizer.step, so "
                 "torch.amp.GradScaler could neither unscale them before clipping nor check them for inf/NaN (the "
@@ -72,6 +88,59 @@ def unsupported(mode: str, precision: str) -> str | None:
     if precision != "fp16" or mode == "nonprivate":
         return None
     return "not supported: fp16 + GradScaler: " + _NO_GRAD_SCALER["opacus" if mode in OPACUS_MODES else "dpengine"]
+
+
+def compile_unsupported(compile_mode: str, device: str) -> str | None:
+    """Why a configuration cannot run under ``compile_mode`` on ``device`` ("cpu" / "cuda"), or None."""
+    if compile_mode not in COMPILE_MODES:
+        return f"not supported: unknown compile mode {compile_mode!r}; known: {', '.join(COMPILE_MODES)}"
+    if compile_mode == "reduce-overhead" and device != "cuda":
+        return REDUCE_OVERHEAD_NEEDS_CUDA.format(device=device)
+    return None
+
+
+def _compile(model: Any, compile_mode: str) -> Any:
+    """``torch.compile(model, dynamic=True)`` in ``compile_mode``; reduce-overhead fails loudly where a graph
+    cannot be captured as a CUDA graph (inductor would otherwise skip it and run the graph uncaptured)."""
+    import torch
+
+    if compile_mode == "reduce-overhead":
+        import torch._inductor.config as inductor_config
+
+        inductor_config.triton.cudagraph_or_error = True
+    return torch.compile(model, mode=None if compile_mode == "default" else compile_mode, dynamic=True)
+
+
+class _RecompileLimitLog:
+    """Collects dynamo's "hit config.recompile_limit" warnings (the frame then runs eagerly, silently)."""
+
+    def __enter__(self) -> _RecompileLimitLog:
+        import logging
+
+        self.hits: list[str] = []
+        outer = self
+
+        class Handler(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                msg = record.getMessage()
+                if "hit config." in msg:  # "hit config.recompile_limit (8) ... function: 'hook' (/path/f.py:468)"
+                    m = re.search(r"hit config\.(\w+) \((\d+)\).*?function: '([^']*)' \(([^)]*)\)", msg, re.S)
+                    outer.hits.append(f"{m[1]} ({m[2]}) in {m[3]} ({os.path.basename(m[4])})" if m
+                                      else msg.splitlines()[0].strip())
+
+        self.handler, self.logger = Handler(), logging.getLogger("torch._dynamo.convert_frame")
+        self.logger.addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.logger.removeHandler(self.handler)
+
+
+def _dynamo_counts() -> tuple[int, int]:
+    """(graphs compiled, graph breaks) so far in this process."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"]), int(sum(counters["graph_break"].values()))
 
 
 def opacus_available() -> bool:
@@ -164,9 +233,11 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(threads)
-    mode, precision = cfg["mode"], cfg.get("precision", "fp32")
+    mode, precision, compile_mode = cfg["mode"], cfg.get("precision", "fp32"), cfg.get("compile", "eager")
     device = torch.device(cfg.get("device", "cpu"))
     cuda = device.type == "cuda"
+    if (why := compile_unsupported(compile_mode, device.type)) is not None:
+        return {"status": why}
     # On CPU, import what any mode may need up front so the baseline RSS is the same for every mode (on
     # CUDA the baseline is GPU memory: Opacus' slow import is only paid by its own modes).
     import dpengine.engine  # noqa: F401
@@ -244,6 +315,8 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     elif mode != "nonprivate":
         raise ValueError(f"unknown mode {mode!r}")
     model.train()
+    if compile_mode != "eager":  # after make_private, so the capture hooks run inside the compiled forward
+        model = _compile(model, compile_mode)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -269,25 +342,53 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     prestep = torch.cuda.memory_allocated() / 2**20 if cuda else _rss_mb()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    for _ in range(int(cfg.get("warmup", 2))):
-        step()
-    # At least `steps` timed steps; more while under `min_time_s` (so fast steps get a stable median).
     times: list[float] = []
     n_min, min_time, n_max = int(cfg.get("steps", 5)), float(cfg.get("min_time_s", 0.0)), int(cfg.get("max_steps", 1000))
-    while len(times) < n_min or (sum(times) < min_time and len(times) < n_max):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+    phase = "in the warm-up (compilation)"
+    with _RecompileLimitLog() as limit_log:
+        try:
+            # warm-up: compilation (if any) happens here, so its wall time is the compile time
+            t0 = time.perf_counter()
+            for _ in range(int(cfg.get("warmup", 2))):
+                step()
+            if cuda:
+                torch.cuda.synchronize()
+            warmup_s = time.perf_counter() - t0
+            graphs_warm, phase = _dynamo_counts()[0], "in the timed steps"
+            # At least `steps` timed steps; more while under `min_time_s` (so fast steps get a stable median).
+            while len(times) < n_min or (sum(times) < min_time and len(times) < n_max):
+                if cuda:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                step()
+                if cuda:
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+        except Exception as e:
+            if compile_mode == "eager":
+                raise
+            raise RuntimeError(f"compile={compile_mode}: {mode} failed {phase}: {type(e).__name__}: {e}") from e
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _maxrss_mb()
     out: dict[str, Any] = {"status": "ok", "step_times": times, "baseline_rss_mb": baseline, "prestep_rss_mb": prestep,
-                           "peak_mem_mb": peak, "n_params": models.n_params(work.model),
-                           "threads": torch.get_num_threads(), "precision": precision, "note": note}
+                           "peak_mem_mb": peak, "warmup_s": warmup_s, "n_params": models.n_params(work.model),
+                           "threads": torch.get_num_threads(), "precision": precision, "compile": compile_mode,
+                           "note": note}
+    if compile_mode != "eager":
+        graphs, breaks = _dynamo_counts()
+        out["compiled_graphs"], out["graph_breaks"] = graphs, breaks
+        notes = [note] if note else []
+        if graphs > graphs_warm:
+            notes.append(f"{graphs - graphs_warm} graph(s) compiled during the timed steps (recompilation): "
+                         "their compile time is in the step times")
+        if limit_log.hits:
+            notes.append("dynamo hit " + ", ".join(dict.fromkeys(limit_log.hits)) + ": later calls of those frames "
+                         "ran eagerly")
+        out["note"] = "; ".join(notes)
     # launch counts: extra untimed steps, after the timing and the peak memory (a count never fails the row)
-    counters = [("ops_per_step", count_ops)] + ([("kernels_per_step", count_cuda_kernels)] if cuda else [])
+    # ATen operators are not counted under compile: inductor's generated kernels are not ATen operators, so
+    # the count would not be comparable with eager (CUDA kernels, from the profiler, are)
+    counters = ([("ops_per_step", count_ops)] if compile_mode == "eager" else []) \
+        + ([("kernels_per_step", count_cuda_kernels)] if cuda else [])
     for key, counter in counters:
         try:
             out[key] = counter(step)
