@@ -180,13 +180,7 @@ def test_config_file_and_overrides(tmp_path):
 
 
 # --------------------------------------------------------------------------------- audits of real training
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The audited model is tiny: a second intra-op thread only spins (and is slow on a shared machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the audited model is tiny
 
 
 @pytest.fixture(scope="module")

@@ -30,12 +30,7 @@ CLIPPINGS = {"flat": {}, "per_layer": {}, "automatic": {}, "adaptive": {"unclipp
              "error_feedback": {}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _is_cpu(device: Any) -> bool:
@@ -280,9 +275,9 @@ def test_clipped_sums_live_in_one_buffer_and_the_step_copies_none():
 def test_noise_in_chunks_is_iid_gaussian_with_the_right_std(monkeypatch, secure):
     """Noise is drawn in packs of at most CHUNK values (a bounded scratch buffer): with a tiny CHUNK, tensors
     are packed and a large one split, and every coordinate still gets its own N(0, std^2) draw. 60,000
-    coordinates: sample std within 0.03 of 1.5 (7 standard errors) and mean within 0.03 (5), neighbouring
-    chunks uncorrelated (|r| < 0.03, 4.7), and a per-tensor std reaches the right tensor (8); false alarms
-    below 1e-5 in all."""
+    coordinates: sample std within 0.03 of 1.5 (7 standard errors) and mean within 0.04 (6.5), neighbouring
+    chunks uncorrelated (|r| < 0.04, 6.3), and a per-tensor std reaches the right tensor (8); false alarms
+    below 1e-9 in all."""
     from dpengine import noise as noise_module
 
     monkeypatch.setattr(noise_module, "CHUNK", 1000)
@@ -293,9 +288,9 @@ def test_noise_in_chunks_is_iid_gaussian_with_the_right_std(monkeypatch, secure)
     gen.add_(ts, 1.5)
     flat = torch.cat([t.reshape(-1) for t in ts])
     assert flat.numel() == 60_000 and bool((flat != 0).all())
-    assert abs(float(flat.std()) - 1.5) < 0.03 and abs(float(flat.mean())) < 0.03
+    assert abs(float(flat.std()) - 1.5) < 0.03 and abs(float(flat.mean())) < 0.04
     a, b = ts[1][:25_000], ts[1][25_000:]
-    assert abs(float(torch.corrcoef(torch.stack([a, b]))[0, 1])) < 0.03
+    assert abs(float(torch.corrcoef(torch.stack([a, b]))[0, 1])) < 0.04
     small, big = torch.zeros(20_000), torch.zeros(20_000)
     gen.add_([small, big], [0.5, 4.0])
     assert abs(float(small.std()) - 0.5) < 0.02 and abs(float(big.std()) - 4.0) < 0.16
