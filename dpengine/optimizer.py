@@ -336,7 +336,7 @@ class DPOptimizer(Optimizer):
         scale = self.controller.output_scale
 
         def add_noise() -> None:
-            if all(s is stds[0] for s in stds) or len(set(stds)) <= 1:
+            if all(s is stds[0] or s == stds[0] for s in stds):  # one std (a float, or adaptive's device bound)
                 self.noise.add_(flats, (stds[0] if stds else 0.0) * scale)
             else:  # per-parameter noise (Lipschitz): still one draw per flat buffer
                 self.noise.add_(views, [std * scale for std in stds])

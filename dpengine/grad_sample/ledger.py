@@ -58,6 +58,10 @@ class SumBuckets:
                 if id(q) in offsets and q not in sums:
                     off, n = offsets[id(q)]
                     sums[q] = buf[off:off + n].view(q.shape).zero_()
+        self.reset()
+
+    def reset(self) -> None:
+        """Drop this step's buffers (the next contribution allocates fresh ones)."""
         self._buffers = {}
 
 
@@ -146,7 +150,7 @@ class BatchLedger:
 
     def clear(self) -> None:
         self._summed = {}
-        self.sum_buckets.complete({})
+        self.sum_buckets.reset()
         self.nonfinite = None
         self.batches_accumulated = self.repeated_batches = 0
         self._written = {}
