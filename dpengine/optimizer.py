@@ -20,6 +20,7 @@ from torch.optim import Optimizer
 from . import accounting
 from .clipping import ClippingPolicy
 from .grad_sample.controller import GradSampleController, LossReduction
+from .grad_sample.ledger import nonfinite_flag
 from .grad_sample.registry import PerSampleGradientError
 from .noise import GaussianNoise
 
@@ -40,9 +41,9 @@ def _step_rdp(noise_multiplier: float, sample_rate: float) -> np.ndarray:
     return rdp
 
 
-def _flat_buffer(ts: list[torch.Tensor]) -> torch.Tensor:
-    """The 1-D buffer that ``ts`` tile exactly, in order (the controller's sum buckets: no copy), else their
-    concatenation (a copy)."""
+def _flat_buffer(ts: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The 1-D buffer that ``ts`` tile exactly, in order, with ``ts`` themselves as its views (the
+    controller's sum buckets: no copy); else their concatenation (a copy) and views of it."""
     base = ts[0]._base
     if base is not None and base.dim() == 1 and base.is_contiguous():
         offset = base.storage_offset()
@@ -52,8 +53,14 @@ def _flat_buffer(ts: list[torch.Tensor]) -> torch.Tensor:
             offset += t.numel()
         else:
             if offset == base.storage_offset() + base.numel():
-                return base
-    return torch.cat([t.reshape(-1) for t in ts])
+                return base, ts
+    flat = torch.cat([t.reshape(-1) for t in ts])
+    views, offset = [], 0
+    for t in ts:
+        views.append(flat[offset:offset + t.numel()].view(t.shape))
+        offset += t.numel()
+    return flat, views
+
 
 
 def _segments(accountant: Any) -> list[Segment]:
@@ -326,13 +333,13 @@ class DPOptimizer(Optimizer):
         groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
         for i, g in enumerate(tensors):
             groups.setdefault((g.device, g.dtype), []).append(i)
-        flats = [_flat_buffer([tensors[i] for i in idx]) for idx in groups.values()]
+        flats: list[torch.Tensor] = []
         views: list[torch.Tensor] = [torch.empty(0)] * len(tensors)
-        for flat, idx in zip(flats, groups.values()):
-            offset = 0
-            for i in idx:
-                views[i] = flat[offset:offset + tensors[i].numel()].view(tensors[i].shape)
-                offset += tensors[i].numel()
+        for idx in groups.values():
+            flat, vs = _flat_buffer([tensors[i] for i in idx])
+            flats.append(flat)
+            for i, v in zip(idx, vs):
+                views[i] = v
         scale = self.controller.output_scale
 
         def add_noise() -> None:
@@ -352,7 +359,7 @@ class DPOptimizer(Optimizer):
         # a non-finite released gradient (the norms were checked in the backward; this also covers sums a
         # policy combined, and other ranks) masks the step, on the device: no host read
         for flat in flats:
-            flat_bad = ~torch.isfinite(flat).all()
+            flat_bad = nonfinite_flag(flat)
             bad = flat_bad if bad is None else bad | (flat_bad if flat_bad.device == bad.device
                                                       else flat_bad.to(bad.device))
         if bad is None:  # no trainable parameter

@@ -123,3 +123,39 @@ def test_fp16_grad_scaler_is_refused_with_a_clear_error():
     with pytest.raises(NotImplementedError, match="bf16 autocast"):
         scaler.step(opt)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+def test_backward_inside_autocast_reduces_in_float32(mode, clipping):
+    """A backward called inside ``torch.autocast`` (autocast is thread-local and the autograd engine carries
+    it into the backward) must not form the norms and clipped sums in bf16: they equal, to float32 rounding,
+    those of the same forward with the backward outside autocast. bf16 products would differ by about 1e-3
+    (2^-8 relative), and could under-state a sample's norm past the clipping bound."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from dpengine import PrivacyEngine
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(64, 96), nn.Tanh(), nn.Linear(96, 10))
+    x, y = torch.randn(16, 8, 64), torch.randint(0, 10, (16, 8))
+    results = []
+    for inside in (False, True):
+        model = copy.deepcopy(base)
+        model, opt, _ = PrivacyEngine(seed=0).make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=DataLoader(TensorDataset(x, y), batch_size=16), noise_multiplier=0.0, max_grad_norm=1e-3,
+            poisson_sampling=False, grad_sample_mode=mode, clipping=clipping)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x).reshape(-1, 10).float(), y.reshape(-1))
+            if inside:
+                loss.backward()
+        if not inside:
+            loss.backward()
+        sums = opt.clipped_grads_for_debugging()
+        results.append((opt.controller.last_norms.clone(), [sums[p] for p in model.parameters()]))
+    (n_out, s_out), (n_in, s_in) = results
+    assert n_in.dtype == torch.float32
+    assert torch.allclose(n_in, n_out, rtol=1e-5, atol=0), float(((n_in - n_out) / n_out).abs().max())
+    for a, b in zip(s_in, s_out):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-9), float(((a - b).norm() / b.norm()))

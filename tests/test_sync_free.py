@@ -294,3 +294,23 @@ def test_noise_in_chunks_is_iid_gaussian_with_the_right_std(monkeypatch, secure)
     small, big = torch.zeros(20_000), torch.zeros(20_000)
     gen.add_([small, big], [0.5, 4.0])
     assert abs(float(small.std()) - 0.5) < 0.02 and abs(float(big.std()) - 4.0) < 0.16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_nonfinite_flag_sees_every_nan_and_inf(dtype):
+    """The step's check is one sum: NaN and inf propagate through IEEE additions, inf + (-inf) is NaN. Any
+    single bad element, anywhere in a large buffer (past the vectorized and blocked parts of the reduction),
+    or opposite infinities together, set the flag; finite buffers do not."""
+    from dpengine.grad_sample.ledger import nonfinite_flag
+
+    torch.manual_seed(0)
+    x = torch.randn(100_003, dtype=dtype)
+    assert not bool(nonfinite_flag(x)) and not bool(nonfinite_flag(x[:0]))
+    for where in (0, 1, 17, 4096, 50_000, 100_002):
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            y = x.clone()
+            y[where] = bad
+            assert bool(nonfinite_flag(y)), (where, bad)
+    y = x.clone()
+    y[3], y[99_999] = float("inf"), -float("inf")
+    assert bool(nonfinite_flag(y))

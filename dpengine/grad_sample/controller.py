@@ -33,8 +33,8 @@ from torch import Tensor, nn
 from ..clipping import ClippingPolicy
 from . import fused
 from .functorch import FALLBACK
-from .ledger import BatchLedger, SumBuckets
-from .registry import (LayerHandler, NormMethod, PerSampleGradientError, Record, cross_term, direct_trainable,
+from .ledger import _WIDEN, BatchLedger, SumBuckets, nonfinite_flag
+from .registry import (JOINT, LayerHandler, NormMethod, PerSampleGradientError, Record, cross_term, direct_trainable,
                        find_handler, row_sq, weighted_sum)
 
 
@@ -109,6 +109,20 @@ class _suspend_capture:
 
     def __exit__(self, *exc: Any) -> None:
         _state.suspended = self.prev
+
+
+def _reducing() -> contextlib.ExitStack:
+    """The context every reduction runs in: no autograd, no capture, and no autocast. A backward called
+    inside ``torch.autocast`` runs the reduction with autocast still on (it is thread-local state, and the
+    engine carries it into the backward), which would form the norms' GEMMs in bf16/fp16 and could
+    under-state a sample's norm: norms, factors and clipped sums are computed in the dtypes chosen here."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.no_grad())
+    stack.enter_context(_suspend_capture())
+    for device in ("cpu", "cuda"):
+        if torch.is_autocast_enabled(device):
+            stack.enter_context(torch.autocast(device, enabled=False))
+    return stack
 
 
 @contextlib.contextmanager
@@ -277,27 +291,40 @@ class _OneGroup(ClippingPolicy):
 
 def _accumulate(into: dict[nn.Parameter, Tensor], p: nn.Parameter, t: Tensor,
                 buckets: SumBuckets | None = None) -> None:
-    """``into[p] += t`` in the sum dtype; a first contribution goes into ``p``'s bucket slot if it has one."""
-    t = t.to(_sum_dtype(p))
+    """``into[p] += t`` in the sum dtype; a first contribution goes into ``p``'s bucket slot if it has one
+    (already there when a handler wrote it into the slot it was offered)."""
     if p in into:
         into[p].add_(t)
         return
-    slot = buckets.slot(p, t.dtype) if buckets is not None else None
-    if slot is not None:
-        t = slot.copy_(t)
-    into[p] = t
+    dtype = _sum_dtype(p)
+    slot = buckets.slot(p, dtype) if buckets is not None else None
+    if slot is None:
+        into[p] = t.to(dtype)
+    elif t.data_ptr() == slot.data_ptr() and t.shape == slot.shape and t.dtype == dtype:
+        into[p] = t  # written in place by the handler
+    else:
+        into[p] = slot.copy_(t)
 
 
 def _sum_dtype(p: Tensor) -> torch.dtype:
     """Clipped sums are kept (and noised) in at least float32: rounding a sum to bf16 before the noise is
     not post-processing, and could push one sample's contribution past the clipping bound."""
-    return torch.promote_types(p.dtype, torch.float32)
+    return _WIDEN.get(p.dtype, p.dtype)
+
+
+def _total(terms: list[Tensor], batch: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The (B,) sum of a group's squared-norm terms, in ``dtype``."""
+    if not terms:
+        return torch.zeros(batch, dtype=dtype, device=device)
+    if len(terms) == 1:
+        return terms[0].to(dtype)
+    return torch.stack([t.to(dtype) for t in terms]).sum(0)
 
 
 def _promote(rec: Record) -> None:
     """Per-sample norms and sums in at least float32, with a and g in one dtype (under autocast a layer's
     input and output gradient may differ): low-precision norms could under-state a sample's norm."""
-    work = torch.promote_types(rec.g.dtype, torch.float32)
+    work = _WIDEN.get(rec.g.dtype, rec.g.dtype)
     if rec.g.is_floating_point() and rec.g.dtype != work:
         rec.g = rec.g.to(work)
     if any(isinstance(x, Tensor) and x.is_floating_point() and x.dtype != work for x in rec.args):
@@ -622,7 +649,7 @@ class GradSampleController(BatchLedger):
             self.skipped_backwards += 1
             self._clear_staged()
             return
-        with torch.no_grad(), _suspend_capture():
+        with _reducing():
             self._reduce(pending)
 
     def _check_batch(self, seen: list[tuple[str, tuple[int, ...]]]) -> int:
@@ -688,7 +715,7 @@ class GradSampleController(BatchLedger):
         gradient are freed at once (peak memory: one layer's buffers). The sums are staged until the end
         of the backward, which checks the batch and commits them (or drops them for autograd.grad)."""
         self.early_reductions += 1
-        with torch.no_grad(), _suspend_capture():
+        with _reducing():
             self._check_record(tl, rec)
             b = rec.g.shape[0]
             self._staged_sizes.append((tl.name, tuple(rec.g.shape)))
@@ -743,7 +770,7 @@ class GradSampleController(BatchLedger):
         scale = float(batch) if self.loss_reduction is LossReduction.MEAN else 1.0
         self.last_group_norms = sq.sqrt() * scale
         self.last_norms = sq.sum(0).sqrt() * scale
-        self.note_nonfinite(~torch.isfinite(sq).all())  # every group of every record, staged ones included
+        self.note_nonfinite(nonfinite_flag(sq))  # every group of every record, staged ones included
         self.batches_accumulated += 1
 
     def _norms_and_sums(self, pending: list[tuple[TrackedLayer, Record]], batch: int,
@@ -761,7 +788,10 @@ class GradSampleController(BatchLedger):
             for n, p in zip(tl.names, tl.params):
                 uses.setdefault(p, []).append((tl, rec, n))
         ref = pending[0][1].g
-        sq = ref.new_zeros(self.policy.num_groups, batch, dtype=torch.promote_types(ref.dtype, torch.float32))
+        work = _WIDEN.get(ref.dtype, ref.dtype)
+        # (B,) squared-norm terms per group, added up once at the end (one stack and one sum per group,
+        # not a read-modify-write of a (K, B) buffer per parameter)
+        terms: list[list[Tensor]] = [[] for _ in range(self.policy.num_groups)]
         direct: dict[tuple[int, int], tuple[TrackedLayer, Record, list[str]]] = {}  # reduced by the handler
         materialized: dict[nn.Parameter, Tensor] = {}  # summed per-sample gradients (hooks, or no factors)
         for p, us in uses.items():
@@ -771,7 +801,7 @@ class GradSampleController(BatchLedger):
                     # ||sum_u G_u||^2 = sum_u ||G_u||^2 + 2 sum_{u<v} <G_u, G_v>, never materialized
                     for i in range(len(facs)):
                         for j in range(i):
-                            sq[group(p)] += 2 * cross_term(facs[i], facs[j])
+                            terms[group(p)].append(2 * cross_term(facs[i], facs[j]))
                     for tl, rec, n in us:
                         direct.setdefault((id(tl), id(rec)), (tl, rec, []))[2].append(n)
                     continue
@@ -779,13 +809,16 @@ class GradSampleController(BatchLedger):
                 for tl, rec, n in us:
                     ps = tl.handler.per_sample(tl.module, rec, [n])[n]
                     materialized[p] = materialized[p] + ps if p in materialized else ps
-                sq[group(p)] += row_sq(materialized[p])
+                terms[group(p)].append(row_sq(materialized[p]))
                 continue
             tl, rec, n = us[0]
             direct.setdefault((id(tl), id(rec)), (tl, rec, []))[2].append(n)
         for tl, rec, names in direct.values():
-            for n, t in tl.handler.norm_sq(tl.module, rec, names, self._method(tl, rec)).items():
-                sq[group(tl.params[tl.names.index(n)])] += t
+            ks = {group(tl.params[tl.names.index(n)]) for n in names}
+            kw = {"joint": True} if tl.handler.joint_norms and len(names) > 1 and len(ks) == 1 else {}
+            for n, t in tl.handler.norm_sq(tl.module, rec, names, self._method(tl, rec), **kw).items():
+                terms[ks.pop() if n == JOINT else group(tl.params[tl.names.index(n)])].append(t)
+        sq = torch.stack([_total(ts, batch, work, ref.device) for ts in terms])  # (K, B)
 
         norms = sq.sqrt() * scale  # (K, B)
         # a non-finite norm is flagged on the device, never read here (a host sync): the optimizer makes the
@@ -801,18 +834,29 @@ class GradSampleController(BatchLedger):
 
     def _weighted_sums(self, direct: dict[tuple[int, int], tuple[TrackedLayer, Record, list[str]]],
                        materialized: dict[nn.Parameter, Tensor], c: Tensor, into: dict[nn.Parameter, Tensor]) -> None:
-        """sum_i c[group, i] * grad_i for every parameter, accumulated into ``into``."""
+        """sum_i c[group, i] * grad_i for every parameter, accumulated into ``into``. A parameter's first
+        contribution is offered its slot of the sum buckets as ``out=``: a handler that writes it there saves
+        a copy."""
         group = self.policy.group
         buckets = self.sum_buckets if into is self._summed else None
+        rows = c.unbind(0)  # (B,) factors per group: one op, not an index per layer
         for tl, rec, names in direct.values():
             by_group: dict[int, list[str]] = {}
             for n in names:
                 by_group.setdefault(group(tl.params[tl.names.index(n)]), []).append(n)
             for k, ns in by_group.items():
-                for n, t in tl.handler.clipped_sum(tl.module, rec, ns, c[k]).items():
+                out = {}
+                if buckets is not None:
+                    for n in ns:
+                        p = tl.params[tl.names.index(n)]
+                        slot = None if p in into else buckets.slot(p, _sum_dtype(p))
+                        if slot is not None:
+                            out[n] = slot
+                for n, t in tl.handler.clipped_sum(tl.module, rec, ns, rows[k], out=out or None).items():
                     _accumulate(into, tl.params[tl.names.index(n)], t, buckets)
         for p, ps in materialized.items():
-            _accumulate(into, p, weighted_sum(ps, c[group(p)]), buckets)
+            slot = None if buckets is None or p in into else buckets.slot(p, _sum_dtype(p))
+            _accumulate(into, p, weighted_sum(ps, rows[group(p)], out=slot), buckets)
 
     def _check_no_leak(self) -> None:
         for tl in self.layers:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .registry import LayerHandler, NormMethod, Record, register, row_sq, weighted_sum
+from .registry import LayerHandler, NormMethod, Record, fits, register, row_sq, weighted_sum
 
 
 def _pad_input(layer: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
@@ -157,19 +157,22 @@ class ConvHandler(LayerHandler):
             out["bias"] = row_sq(rec.g.reshape(rec.g.shape[0], rec.g.shape[1], -1).sum(2))
         return out
 
-    def clipped_sum(self, layer: nn.Module, rec: Record, names: list[str], c: Tensor) -> dict[str, Tensor]:
-        out: dict[str, Tensor] = {}
+    def clipped_sum(self, layer: nn.Module, rec: Record, names: list[str], c: Tensor,
+                    out: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        dst = out or {}
+        res: dict[str, Tensor] = {}
         cv = c.to(rec.g.dtype)
         cached = rec.extra.get("per_sample", {})
         if "weight" in names:
             if "weight" in cached:  # materialized for the norm: the sum is a cheap weighted sum
-                out["weight"] = weighted_sum(cached["weight"], cv)
+                res["weight"] = weighted_sum(cached["weight"], cv, out=dst.get("weight"))
             else:
                 nd = len(layer.kernel_size)
                 gc = rec.g * cv.view(-1, *([1] * (rec.g.dim() - 1)))
-                out["weight"] = torch.ops.aten.convolution_backward(
+                res["weight"] = torch.ops.aten.convolution_backward(
                     gc, _pad_input(layer, rec.a), layer.weight, None, list(layer.stride), [0] * nd,
                     list(layer.dilation), False, [0] * nd, layer.groups, [False, True, False])[1]
         if "bias" in names:
-            out["bias"] = cv @ rec.g.reshape(rec.g.shape[0], rec.g.shape[1], -1).sum(2)
-        return out
+            b, s = dst.get("bias"), rec.g.reshape(rec.g.shape[0], rec.g.shape[1], -1).sum(2)  # (B, C_out)
+            res["bias"] = torch.mv(s.t(), cv, out=b) if fits(b, s.dtype) else cv @ s
+        return res

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .registry import LayerHandler, NormMethod, OuterFactors, Record, register
+from .registry import LayerHandler, NormMethod, OuterFactors, Record, fits, register
 
 
 @register(nn.Embedding)
@@ -58,7 +58,10 @@ class EmbeddingHandler(LayerHandler):
         rows = g.new_zeros(uniq.numel(), d).index_add_(0, inv, g.reshape(-1, d))
         return {"weight": g.new_zeros(b).index_add_(0, uniq // layer.num_embeddings, rows.pow(2).sum(1))}
 
-    def clipped_sum(self, layer: nn.Module, rec: Record, names: list[str], c: Tensor) -> dict[str, Tensor]:
+    def clipped_sum(self, layer: nn.Module, rec: Record, names: list[str], c: Tensor,
+                    out: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         ids, g = self._ids_g(layer, rec)
         gc = (g * c.to(g.dtype).view(-1, 1, 1)).reshape(-1, g.shape[-1])
-        return {"weight": g.new_zeros(layer.num_embeddings, g.shape[-1]).index_add_(0, ids.reshape(-1), gc)}
+        w = (out or {}).get("weight")
+        dst = w.zero_() if fits(w, g.dtype) else g.new_zeros(layer.num_embeddings, g.shape[-1])
+        return {"weight": dst.index_add_(0, ids.reshape(-1), gc)}

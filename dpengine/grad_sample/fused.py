@@ -77,6 +77,7 @@ class _FusedLinearLike(_LinearLike):
     #: the controller passes the captured a and g as they are (no promotion to fp32)
     takes_low_precision = True
     fused = True
+    joint_norms = False  # the weight norm is a kernel of its own; the bias norm is one small reduction
 
     def _operands(self, rec: Record) -> tuple[Tensor, Tensor]:
         """(B, T, d) inputs and (B, T, p) output gradients in one kernel dtype."""
@@ -136,7 +137,9 @@ class _FusedLinearLike(_LinearLike):
             out["bias"] = row_sq(_token_sum(self._promoted(flatten_tokens(rec.g))))
         return out
 
-    def clipped_sum(self, layer: nn.Module, rec: Record, names: list[str], c: Tensor) -> dict[str, Tensor]:
+    def clipped_sum(self, layer: nn.Module, rec: Record, names: list[str], c: Tensor,
+                    out: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        # ``out`` is not used: the kernel writes its own float32 result (the controller copies it in)
         clipped_sum = _kernels()[1]
         out: dict[str, Tensor] = {}
         if "weight" in names:
@@ -253,10 +256,7 @@ def reduce_layer(handler: LayerHandler, layer: nn.Module, rec: Record, names: li
     sq[kw] += sq_w  # includes the bias when it is in the weight's group
     if kb is not None and kb != kw:
         sq[kb] += bias_sq.to(sq.dtype)
-    if b and not bool(torch.isfinite(sq).all()):
-        raise PerSampleGradientError(
-            "non-finite per-sample gradient norm (NaN or inf) in this batch; the update is refused rather "
-            "than clipped silently. Check the loss and inputs (lower the learning rate, or clamp logits).")
+    # no host read here: the controller flags a non-finite sq on the device (_reduce) and the step is masked
     sums = {by_name["weight"]: total}
     if kb is not None:
         c_b = c_w if kb == kw else policy.factors(sq.sqrt() * scale)[kb] * mult

@@ -12,6 +12,19 @@ import torch
 from torch import Tensor, nn
 
 
+def nonfinite_flag(t: torch.Tensor) -> torch.Tensor:
+    """A 0-dim bool device tensor, True if ``t`` holds a NaN or an infinity: one reduction (the sum is NaN
+    or infinite whenever an element is, since NaN and inf propagate through IEEE additions and
+    inf + (-inf) is NaN) and no host read. Conservative: a sum of finite values that overflows the dtype's
+    range (|sum| above 3e38 in float32) also reads as non-finite."""
+    s = t.sum()
+    return (s - s).ne(0)  # s - s is 0 for a finite s, NaN for inf or NaN
+
+
+#: dtypes whose clipped sums are kept in float32 (everything narrower); wider ones keep their own
+_WIDEN = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
+
+
 class SumBuckets:
     """Clipped sums as views into one flat buffer per (device, dtype), laid out in a fixed parameter order
     (the optimizer's): the private step then noises, checks, masks and all-reduces each buffer whole, with
@@ -20,49 +33,51 @@ class SumBuckets:
 
     def __init__(self) -> None:
         self._order: list[nn.Parameter] = []
-        self._layouts: dict[tuple[torch.device, torch.dtype], tuple[dict[int, tuple[int, int]], int]] = {}
+        #: per (device, dtype): the parameters with a slot, in order, and the buffer's length
+        self._layouts: dict[tuple[torch.device, torch.dtype], tuple[list[nn.Parameter], int]] = {}
+        #: this step's buffers, and every slot of each as a view (made once, when the buffer is allocated)
         self._buffers: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+        self._slots: dict[int, Tensor] = {}
 
     def set_order(self, params: list[nn.Parameter]) -> None:
         self._order = [p for p in params if p.requires_grad]
-        self._layouts, self._buffers = {}, {}
+        self._layouts, self._buffers, self._slots = {}, {}, {}
 
-    def _layout(self, key: tuple[torch.device, torch.dtype]) -> tuple[dict[int, tuple[int, int]], int]:
+    def _layout(self, key: tuple[torch.device, torch.dtype]) -> tuple[list[nn.Parameter], int]:
         if key not in self._layouts:
-            offsets, total = {}, 0
-            for q in self._order:
-                if q.device == key[0] and torch.promote_types(q.dtype, torch.float32) == key[1]:
-                    offsets[id(q)] = (total, q.numel())
-                    total += q.numel()
-            self._layouts[key] = (offsets, total)
+            members = [q for q in self._order if q.device == key[0] and _WIDEN.get(q.dtype, q.dtype) == key[1]]
+            self._layouts[key] = (members, sum(q.numel() for q in members))
         return self._layouts[key]
 
     def slot(self, p: nn.Parameter, dtype: torch.dtype) -> Tensor | None:
         """``p``'s view into this step's buffer for ``dtype`` (uninitialised), or None if ``p`` has no slot."""
+        view = self._slots.get(id(p))
+        if view is not None and view.dtype == dtype:
+            return view
         key = (p.device, dtype)
-        offsets, total = self._layout(key)
-        if id(p) not in offsets:
+        if key in self._buffers:
+            return None  # the buffer exists and p is not in it
+        members, total = self._layout(key)
+        if not any(q is p for q in members):
             return None
-        buf = self._buffers.get(key)
-        if buf is None:
-            buf = self._buffers[key] = torch.empty(total, device=p.device, dtype=dtype)
-        off, n = offsets[id(p)]
-        return buf[off:off + n].view(p.shape)
+        buf = self._buffers[key] = torch.empty(total, device=p.device, dtype=dtype)
+        # one split for all slots, and a view only where a parameter is not 1-D
+        for q, piece in zip(members, buf.split([q.numel() for q in members])):
+            self._slots[id(q)] = piece if piece.shape == q.shape else piece.view(q.shape)
+        return self._slots[id(p)]
 
     def complete(self, sums: dict[nn.Parameter, Tensor]) -> None:
         """Zero the slots no reduction wrote (a parameter no sample touched) and add them to ``sums``, so
         each buffer is covered by views in order; then start afresh for the next step."""
-        for (device, dtype), buf in self._buffers.items():
-            offsets, _ = self._layout((device, dtype))
-            for q in self._order:
-                if id(q) in offsets and q not in sums:
-                    off, n = offsets[id(q)]
-                    sums[q] = buf[off:off + n].view(q.shape).zero_()
+        for key in self._buffers:
+            for q in self._layout(key)[0]:
+                if q not in sums:
+                    sums[q] = self._slots[id(q)].zero_()
         self.reset()
 
     def reset(self) -> None:
         """Drop this step's buffers (the next contribution allocates fresh ones)."""
-        self._buffers = {}
+        self._buffers, self._slots = {}, {}
 
 
 class BatchLedger:

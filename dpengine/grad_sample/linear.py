@@ -5,13 +5,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .registry import (LayerHandler, NormMethod, OuterFactors, Record, flatten_tokens, gram_norm_sq, register,
-                       row_sq, weighted_sum)
+from .registry import (JOINT, LayerHandler, NormMethod, OuterFactors, Record, fits, flatten_tokens, gram_norm_sq,
+                       register, row_sq, weighted_sum)
 
 
 class _LinearLike(LayerHandler):
     has_gram = True
     stackable = True  # (B, K, ..., d) inputs are tokens like any other: calls can be stacked along dim 1
+    joint_norms = True
     #: True when the weight is stored (in, out) as in GPT-2's Conv1D, False for nn.Linear's (out, in).
     transposed = False
 
@@ -44,9 +45,17 @@ class _LinearLike(LayerHandler):
         p, d = rec.g.shape[-1], rec.a.shape[-1]
         return t * (d + p) / (p * d)
 
-    def norm_sq(self, layer: nn.Module, rec: Record, names: list[str], method: NormMethod) -> dict[str, Tensor]:
+    def norm_sq(self, layer: nn.Module, rec: Record, names: list[str], method: NormMethod,
+                joint: bool = False) -> dict[str, Tensor]:
         a, g = self._ag(rec)
         out: dict[str, Tensor] = {}
+        if joint and "bias" in names and "weight" in names and (a.shape[1] == 1 or method is NormMethod.GRAM):
+            # weight and bias in one group: ||G_i||^2 + ||b_i||^2 = sum_{t,s} (a_t . a_s + 1)(g_t . g_s), since
+            # the bias gradient sum_t g_t has squared norm sum_{t,s} g_t . g_s; one token: ||g||^2 (||a||^2 + 1)
+            if a.shape[1] == 1:
+                return {JOINT: row_sq(g) * (row_sq(a) + 1)}
+            aa = torch.bmm(a, a.transpose(1, 2)).add_(1)
+            return {JOINT: (aa * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))}
         if "weight" in names and a.shape[1] > 1 and method is NormMethod.MATERIALIZE:
             # Materialized once; the clipped sum is then a weighted sum of these (no second GEMM), and
             # the captured a and g are released: the per-sample gradients take their place.
@@ -59,16 +68,18 @@ class _LinearLike(LayerHandler):
             else:
                 out["weight"] = gram_norm_sq(a, g)
         if "bias" in names:
-            out["bias"] = row_sq(_token_sum(g))
+            out["bias"] = row_sq(_bias_rows(rec, g))
         return out
 
-    def clipped_sum(self, layer: nn.Module, rec: Record, names: list[str], c: Tensor) -> dict[str, Tensor]:
+    def clipped_sum(self, layer: nn.Module, rec: Record, names: list[str], c: Tensor,
+                    out: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        dst = out or {}
         cached = rec.extra.get("per_sample", {})
         if all(n in cached for n in names):
-            return {n: weighted_sum(cached[n], c) for n in names}
+            return {n: weighted_sum(cached[n], c, out=dst.get(n)) for n in names}
         a, g = self._ag(rec)
         cv = c.to(g.dtype)
-        out: dict[str, Tensor] = {}
+        res: dict[str, Tensor] = {}
         if "weight" in names:
             # book-keeping: sum_i c_i g_i^T a_i is one GEMM once the factors are folded into the
             # smaller of the two operands
@@ -76,10 +87,21 @@ class _LinearLike(LayerHandler):
                 a2, g2 = (a * cv.view(-1, 1, 1)).reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
             else:
                 a2, g2 = a.reshape(-1, a.shape[-1]), (g * cv.view(-1, 1, 1)).reshape(-1, g.shape[-1])
-            out["weight"] = a2.t() @ g2 if self.transposed else g2.t() @ a2
+            left, right = (a2.t(), g2) if self.transposed else (g2.t(), a2)
+            w = dst.get("weight")
+            res["weight"] = torch.mm(left, right, out=w) if fits(w, left.dtype) else left @ right
         if "bias" in names:
-            out["bias"] = cv @ _token_sum(g)  # (B,) @ (B, p)
-        return out
+            b, s = dst.get("bias"), _bias_rows(rec, g)  # (B, p)
+            res["bias"] = torch.mv(s.t(), cv, out=b) if fits(b, s.dtype) else cv @ s
+        return res
+
+
+def _bias_rows(rec: Record, g: Tensor) -> Tensor:
+    """The per-sample bias gradients (B, p), formed once per record for the norm and the sum."""
+    rows = rec.extra.get("bias_rows")
+    if rows is None:
+        rows = rec.extra["bias_rows"] = _token_sum(g)
+    return rows
 
 
 def _token_sum(g: Tensor) -> Tensor:

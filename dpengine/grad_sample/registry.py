@@ -7,6 +7,9 @@ captured during the ordinary backward into
 * ``norm_sq``     -> ``{param_name: (B,)}``               (squared per-sample norms, possibly without
                                                           materializing: the "ghost" / Gram form)
 * ``clipped_sum`` -> ``{param_name: param.shape}``         (sum_i c_i * grad_i, one weighted GEMM: book-keeping)
+                                                          (``out``: destinations the controller offers, the
+                                                          parameter's slot of the flat sum buffer; a handler
+                                                          may write there and return it, saving a copy)
 
 Handlers are pure functions of ``(layer, record)``: they know nothing about clipping modes, noise or
 accounting. Per-sample gradients are gradients of the *summed* loss here; the controller undoes a
@@ -21,6 +24,10 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
+
+
+#: the ``norm_sq`` key of a total over all the asked parameters (see ``LayerHandler.joint_norms``)
+JOINT = "*"
 
 
 class PerSampleGradientError(RuntimeError):
@@ -103,6 +110,10 @@ class LayerHandler:
     #: does this for a layer called once per time step (an RNN cell), so its norm is one Gram or materialized
     #: step instead of pairwise cross terms between calls.
     stackable: bool = False
+    #: True if ``norm_sq`` accepts ``joint=True`` (all ``names`` in one clipping group): it may then return
+    #: the total squared norm of those parameters under the key ``JOINT``, which can be cheaper than the
+    #: parts (a Linear's bias norm comes out of the weight's Gram matrices for one extra add).
+    joint_norms: bool = False
 
     def problems(self, layer: nn.Module) -> list[str]:
         """Reasons this layer cannot be trained privately (empty if it can)."""
@@ -134,8 +145,12 @@ class LayerHandler:
     def norm_sq(self, layer: nn.Module, rec: Record, names: list[str], method: NormMethod) -> dict[str, Tensor]:
         return {n: row_sq(t) for n, t in self._cached_per_sample(layer, rec, names).items()}
 
-    def clipped_sum(self, layer: nn.Module, rec: Record, names: list[str], c: Tensor) -> dict[str, Tensor]:
-        return {n: weighted_sum(t, c) for n, t in self._cached_per_sample(layer, rec, names).items()}
+    def clipped_sum(self, layer: nn.Module, rec: Record, names: list[str], c: Tensor,
+                    out: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """``{name: sum_i c_i grad_i}``. ``out`` may hold a contiguous destination per name (in the sum dtype,
+        float32 or wider): write there and return it when the result has that dtype, else return a new tensor."""
+        out = out or {}
+        return {n: weighted_sum(t, c, out=out.get(n)) for n, t in self._cached_per_sample(layer, rec, names).items()}
 
     def _cached_per_sample(self, layer: nn.Module, rec: Record, names: list[str]) -> dict[str, Tensor]:
         """Materialized per-sample gradients, computed once per record for the norm and the sum."""
@@ -152,10 +167,18 @@ def row_sq(per_sample: Tensor) -> Tensor:
     return (x * x).sum(1)
 
 
-def weighted_sum(per_sample: Tensor, c: Tensor) -> Tensor:
-    """sum_i c_i * per_sample[i] as one matrix-vector product."""
+def weighted_sum(per_sample: Tensor, c: Tensor, out: Tensor | None = None) -> Tensor:
+    """sum_i c_i * per_sample[i] as one matrix-vector product (into ``out`` when it has the right dtype)."""
     b = per_sample.shape[0]
-    return (c.to(per_sample.dtype) @ per_sample.reshape(b, -1)).reshape(per_sample.shape[1:])
+    flat = per_sample.reshape(b, -1)
+    if fits(out, flat.dtype):
+        return torch.mv(flat.t(), c.to(flat.dtype), out=out.view(-1)).view(per_sample.shape[1:])
+    return (c.to(per_sample.dtype) @ flat).reshape(per_sample.shape[1:])
+
+
+def fits(out: Tensor | None, dtype: torch.dtype) -> bool:
+    """True when ``out`` (an offered destination) can take a result of ``dtype`` written in place."""
+    return out is not None and out.dtype == dtype and out.is_contiguous()
 
 
 _BY_TYPE: dict[type, LayerHandler] = {}
@@ -205,7 +228,7 @@ def registered_types() -> list[str]:
 
 def flatten_tokens(x: Tensor) -> Tensor:
     """(B, ..., d) -> (B, T, d) with T the product of the middle dimensions (T = 1 for 2-D inputs)."""
-    return x.reshape(x.shape[0], -1, x.shape[-1])
+    return x if x.dim() == 3 else x.reshape(x.shape[0], -1, x.shape[-1])
 
 
 def gram_norm_sq(a: Tensor, g: Tensor) -> Tensor:
