@@ -82,11 +82,12 @@ class _LinearLike(LayerHandler):
         res: dict[str, Tensor] = {}
         if "weight" in names:
             # book-keeping: sum_i c_i g_i^T a_i is one GEMM once the factors are folded into the
-            # smaller of the two operands
-            if a.shape[-1] <= g.shape[-1]:
-                a2, g2 = (a * cv.view(-1, 1, 1)).reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
+            # smaller of the two operands; a single token needs no token dimension at all
+            aw, gw, col = (a[:, 0], g[:, 0], cv.unsqueeze(1)) if a.shape[1] == 1 else (a, g, cv.view(-1, 1, 1))
+            if aw.shape[-1] <= gw.shape[-1]:
+                a2, g2 = _rows(aw * col), _rows(gw)
             else:
-                a2, g2 = a.reshape(-1, a.shape[-1]), (g * cv.view(-1, 1, 1)).reshape(-1, g.shape[-1])
+                a2, g2 = _rows(aw), _rows(gw * col)
             left, right = (a2.t(), g2) if self.transposed else (g2.t(), a2)
             w = dst.get("weight")
             res["weight"] = torch.mm(left, right, out=w) if fits(w, left.dtype) else left @ right
@@ -94,6 +95,11 @@ class _LinearLike(LayerHandler):
             b, s = dst.get("bias"), _bias_rows(rec, g)  # (B, p)
             res["bias"] = torch.mv(s.t(), cv, out=b) if fits(b, s.dtype) else cv @ s
         return res
+
+
+def _rows(x: Tensor) -> Tensor:
+    """(B, T, n) -> (B T, n); (B, n) as it is."""
+    return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
 
 
 def _bias_rows(rec: Record, g: Tensor) -> Tensor:

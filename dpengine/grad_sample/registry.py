@@ -163,17 +163,19 @@ class LayerHandler:
 
 def row_sq(per_sample: Tensor) -> Tensor:
     """(B, *shape) -> (B,) squared Frobenius norms (a 2-D reduction: the fast path on CPU)."""
-    x = per_sample.reshape(per_sample.shape[0], -1)
+    x = per_sample if per_sample.dim() == 2 else per_sample.reshape(per_sample.shape[0], -1)
     return (x * x).sum(1)
 
 
 def weighted_sum(per_sample: Tensor, c: Tensor, out: Tensor | None = None) -> Tensor:
     """sum_i c_i * per_sample[i] as one matrix-vector product (into ``out`` when it has the right dtype)."""
-    b = per_sample.shape[0]
-    flat = per_sample.reshape(b, -1)
+    two_d = per_sample.dim() == 2  # (B, n): no reshapes
+    flat = per_sample if two_d else per_sample.reshape(per_sample.shape[0], -1)
     if fits(out, flat.dtype):
-        return torch.mv(flat.t(), c.to(flat.dtype), out=out.view(-1)).view(per_sample.shape[1:])
-    return (c.to(per_sample.dtype) @ flat).reshape(per_sample.shape[1:])
+        done = torch.mv(flat.t(), c.to(flat.dtype), out=out if two_d else out.view(-1))
+    else:
+        done = c.to(flat.dtype) @ flat
+    return done if two_d else done.view(per_sample.shape[1:])
 
 
 def fits(out: Tensor | None, dtype: torch.dtype) -> bool:
