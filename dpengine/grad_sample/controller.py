@@ -22,13 +22,16 @@ from __future__ import annotations
 import contextlib
 import enum
 import inspect
+import itertools
 import threading
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
+from torch._library.effects import EffectType
 
 from ..clipping import ClippingPolicy
 from . import fused
@@ -172,6 +175,72 @@ def _full_backward(acc: Any) -> bool | None:
         return bool(torch._C._will_engine_execute_node(acc))
     except Exception:  # a private API: never let it decide privacy on its own
         return None
+
+
+# ------------------------------------------------------------------------- capture under torch.compile
+# Under torch.compile a tensor hook or an autograd.Function backward that writes Python state is a graph
+# break (dynamo traces them as side-effect-free subgraphs). The compiled path captures through two opaque
+# custom ops instead, which dynamo, AOTAutograd and inductor keep as calls made at run time with the real
+# tensors: ``capture`` (forward) copies the layer's inputs into a Record filed under a fresh sequence number
+# and returns a copy of the output plus that number as a tensor (saved for the backward); its registered
+# backward calls ``file_grad``, which hands a copy of ``g`` and the record to ``_on_grad`` exactly as the eager
+# tap does, and returns another copy of ``g`` as the gradient passed on. Kept copies: inductor reuses an
+# intermediate's buffer after its last use in the graph, so a kept reference to ``a`` or ``g`` could be
+# overwritten later in the same graph. The returned copy: with ``g`` itself passed on, ``g`` has two users in
+# the backward graph, and inductor 2.13 then fails to compile a convolution's backward under dynamic shapes
+# (require_stride_order: "Exponent must be non-negative"). ``file_grad`` is registered as effectful, or the
+# backward graph would drop it where its output is unused (the first layer, whose input needs no gradient);
+# a mutated argument does not keep it (measured: dropped). See DESIGN.md, "torch.compile".
+_CONTROLLERS: dict[int, Callable[[], Any]] = {}  # key -> weakref to the GradSampleController
+_CONTROLLER_KEYS = itertools.count()
+_SEQ = itertools.count()
+
+
+def _live_controller(key: int) -> "GradSampleController":
+    ctl = _CONTROLLERS.get(key, lambda: None)()
+    if ctl is None:
+        raise PerSampleGradientError("a compiled graph captured a layer of a model whose dpengine controller is gone "
+                                     "(the model was detached or its engine deleted); recompile the model.")
+    return ctl
+
+
+@torch.library.custom_op("dpengine::capture", mutates_args=(), tags=(torch.Tag.flexible_layout,))
+def _capture_op(out: Tensor, ctl: int, layer: int, anchor: Tensor, args: list[Tensor]) -> tuple[Tensor, Tensor]:
+    seq = _live_controller(ctl)._open_record(layer, args)
+    return out.clone(), seq
+
+
+@_capture_op.register_fake
+def _capture_fake(out: Tensor, ctl: int, layer: int, anchor: Tensor, args: list[Tensor]) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(out), torch.empty((), dtype=torch.int64)
+
+
+@torch.library.custom_op("dpengine::file_grad", mutates_args=(), tags=(torch.Tag.flexible_layout,))
+def _file_grad_op(g: Tensor, ctl: int, seq: Tensor) -> Tensor:
+    _live_controller(ctl)._file_grad(int(seq), g)  # seq is a CPU scalar: no device sync
+    return g.clone()
+
+
+@_file_grad_op.register_fake
+def _file_grad_fake(g: Tensor, ctl: int, seq: Tensor) -> Tensor:
+    return torch.empty_like(g)
+
+
+# effectful: kept where its output is unused (the first layer, whose input needs no gradient)
+torch.library._register_effectful_op(_file_grad_op._opoverload, EffectType.ORDERED)
+
+
+def _capture_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
+    ctx.ctl, ctx.n_args = inputs[1], len(inputs[4])
+    ctx.save_for_backward(output[1])
+
+
+def _capture_backward(ctx: Any, g: Tensor, _seq_grad: Any) -> tuple:
+    (seq,) = ctx.saved_tensors
+    return _file_grad_op(g, ctx.ctl, seq), None, None, None, [None] * ctx.n_args
+
+
+_capture_op.register_autograd(_capture_backward, setup_context=_capture_setup)
 
 
 # --------------------------------------------------------------------------------- broadcast outputs
@@ -421,6 +490,11 @@ class GradSampleController(BatchLedger):
         self._staged_unclipped: dict[nn.Parameter, Tensor] = {}
         self._staged_sq: Tensor | None = None
         self._staged_sizes: list[tuple[str, tuple[int, ...]]] = []
+        # the compiled path's records by sequence number (see ``_capture_op``); an entry goes when the graph
+        # that saved its number is freed
+        self._ctl_key = next(_CONTROLLER_KEYS)
+        _CONTROLLERS[self._ctl_key] = weakref.ref(self)
+        self._inflight: dict[int, tuple[TrackedLayer, Record]] = {}
         self._handles = [module.register_forward_pre_hook(self._root_pre_hook)]
         for tl in self.layers:
             self._handles.append(tl.module.register_forward_pre_hook(self._make_pre_hook(tl)))
@@ -492,6 +566,8 @@ class GradSampleController(BatchLedger):
         return b
 
     def _make_hook(self, tl: TrackedLayer) -> Callable:
+        index = next(i for i, t in enumerate(self.layers) if t is tl)
+
         def hook(layer: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
             if id(tl) not in self._swapped:
                 return None
@@ -504,6 +580,9 @@ class GradSampleController(BatchLedger):
                     "layers with a single tensor output. Register a handler for this layer type.")
             if kwargs:
                 args, kwargs = self._positional(layer, args, kwargs)
+            if torch.compiler.is_compiling() and self._compiled_capture_applies(args, kwargs, out):
+                # traced: capture through the opaque custom ops (no graph break; see _capture_op)
+                return _capture_op(out, self._ctl_key, index, self._anchor, [x.detach() for x in args])[0]
             # Under torch.compile this body is traced with fake tensors: a `_version` read would be the fake
             # tensor's counter frozen into the graph (a false "modified in place" at the reduction), and
             # `_is_view()` is a graph break. So a traced call keeps its own copy of the inputs instead (the
@@ -542,6 +621,43 @@ class GradSampleController(BatchLedger):
                 return self._lead(tl, args, kwargs, out, tapped, lead)
             return tapped
         return hook
+
+    @staticmethod
+    def _compiled_capture_applies(args: tuple, kwargs: dict, out: Tensor) -> bool:
+        """Whether a traced layer call is captured by the custom ops: tensor inputs only, and not an index
+        lookup that the eager path may present as a ``_BroadcastOutput`` (a batch-1 or rank-1 integer input;
+        decided from shapes alone, so the loader's batch size is not read, and not guarded on, while
+        tracing). Other calls take the eager path's code, which breaks the graph."""
+        if kwargs or not args or not all(isinstance(x, Tensor) for x in args):
+            return False
+        a = args[0]
+        if a.is_floating_point() or a.is_complex():
+            return True
+        if a.dim() == 1 and out.dim() >= 2:
+            return False
+        return not (a.dim() > 0 and a.shape[0] == 1 and out.dim() > 0 and out.shape[0] == 1)
+
+    def _open_record(self, index: int, args: list[Tensor]) -> Tensor:
+        """Run time, forward of ``_capture_op``: file a record of this call (a copy of its inputs) under a new
+        sequence number, returned as a CPU scalar tensor that the graph saves for the backward."""
+        tl = self.layers[index]
+        self._calls[id(tl)] = self._calls.get(id(tl), 0) + 1
+        s = next(_SEQ)
+        self._inflight[s] = (tl, Record(tuple(a.clone() for a in args), {}))
+        seq = torch.tensor(s)
+        weakref.finalize(seq, self._inflight.pop, s, None)  # no backward (or graph freed): forget the record
+        return seq
+
+    def _file_grad(self, seq: int, g: Tensor) -> None:
+        """Run time, backward of ``_capture_op``: the output gradient of record ``seq``, handed on as the
+        eager tap does (the anchor is an input of every captured call, so ``tapped``)."""
+        entry = self._inflight.get(seq)
+        if entry is None:
+            raise PerSampleGradientError(
+                "dpengine's compiled capture received an output gradient for a layer call it has no record of; "
+                "per-sample gradients cannot be formed. Please report this with the model.")
+        tl, rec = entry
+        self._on_grad(tl, rec, g.clone(), tapped=True)
 
     def _lead_batch(self, args: tuple, out: Tensor) -> int | None:
         """The batch to offer a rank-1 index lookup's output at (``_BroadcastOutput`` with ``lead``): only
