@@ -219,3 +219,19 @@ def test_compiled_capture_keeps_safety_checks():
     ctl.note_batch(x.shape[0] + 1)
     with pytest.raises(PerSampleGradientError, match="private data loader yielded a batch"):
         F.cross_entropy(run(x), y).backward()
+
+
+def test_controller_registry_forgets_deleted_controllers():
+    """The compiled path finds its controller through a registry of weak references; a deleted controller's
+    entry goes with it (no growth over many make_private calls), and the custom ops are in use here."""
+    import gc
+
+    from dpengine.grad_sample import controller as ctl_mod
+
+    assert ctl_mod.COMPILED_CAPTURE  # torch 2.13 keeps the effectful file_grad in the backward graph
+    model, _, opt, _, ctl = _private_mlp_compiled()
+    key = ctl._ctl_key
+    assert key in ctl_mod._CONTROLLERS
+    del model, opt, ctl
+    gc.collect()
+    assert key not in ctl_mod._CONTROLLERS

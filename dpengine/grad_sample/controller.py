@@ -31,7 +31,6 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
-from torch._library.effects import EffectType
 
 from ..clipping import ClippingPolicy
 from . import fused
@@ -226,8 +225,21 @@ def _file_grad_fake(g: Tensor, ctl: int, seq: Tensor) -> Tensor:
     return torch.empty_like(g)
 
 
-# effectful: kept where its output is unused (the first layer, whose input needs no gradient)
-torch.library._register_effectful_op(_file_grad_op._opoverload, EffectType.ORDERED)
+def _register_effectful() -> bool:
+    """Mark ``file_grad`` effectful, so it is kept where its output is unused (the first layer, whose input
+    needs no gradient). A semi-private torch API: where it is missing, the compiled path is not used (traced
+    calls take the eager hooks, which break the graph but capture every call)."""
+    try:
+        from torch._library.effects import EffectType
+
+        torch.library._register_effectful_op(_file_grad_op._opoverload, EffectType.ORDERED)
+    except Exception:  # noqa: BLE001 - any failure means: do not rely on the op being kept
+        return False
+    return True
+
+
+#: the custom-op capture is used under torch.compile (False: this torch cannot keep file_grad in the graph)
+COMPILED_CAPTURE = _register_effectful()
 
 
 def _capture_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
@@ -494,6 +506,7 @@ class GradSampleController(BatchLedger):
         # that saved its number is freed
         self._ctl_key = next(_CONTROLLER_KEYS)
         _CONTROLLERS[self._ctl_key] = weakref.ref(self)
+        weakref.finalize(self, _CONTROLLERS.pop, self._ctl_key, None)
         self._inflight: dict[int, tuple[TrackedLayer, Record]] = {}
         self._handles = [module.register_forward_pre_hook(self._root_pre_hook)]
         for tl in self.layers:
@@ -580,7 +593,7 @@ class GradSampleController(BatchLedger):
                     "layers with a single tensor output. Register a handler for this layer type.")
             if kwargs:
                 args, kwargs = self._positional(layer, args, kwargs)
-            if torch.compiler.is_compiling() and self._compiled_capture_applies(args, kwargs, out):
+            if COMPILED_CAPTURE and torch.compiler.is_compiling() and self._compiled_capture_applies(args, kwargs, out):
                 # traced: capture through the opaque custom ops (no graph break; see _capture_op)
                 return _capture_op(out, self._ctl_key, index, self._anchor, [x.detach() for x in args])[0]
             # Under torch.compile this body is traced with fake tensors: a `_version` read would be the fake

@@ -57,6 +57,14 @@ def unfold_nd(layer: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
     return x.permute(perm).reshape(b, gr, c // gr * math.prod(layer.kernel_size), -1)
 
 
+def _bias_rows(rec: Record) -> Tensor:
+    """Per-sample bias gradients (B, C_out): g summed over positions, once per record (norm and sum)."""
+    rows = rec.extra.get("bias_rows")
+    if rows is None:
+        rows = rec.extra["bias_rows"] = rec.g.reshape(rec.g.shape[0], rec.g.shape[1], -1).sum(2)
+    return rows
+
+
 #: per-sample implementation chosen per (shape, dtype, device): "grouped" or "im2col"
 _IMPL: dict[tuple, str] = {}
 
@@ -128,7 +136,7 @@ class ConvHandler(LayerHandler):
         if "weight" in names:
             out["weight"] = self._ps_weight(layer, rec)
         if "bias" in names:
-            out["bias"] = rec.g.reshape(rec.g.shape[0], rec.g.shape[1], -1).sum(2)
+            out["bias"] = _bias_rows(rec)
         return out
 
     def prefers_gram(self, layer: nn.Module, rec: Record) -> bool:
@@ -154,7 +162,7 @@ class ConvHandler(LayerHandler):
                 ps = self._cached_per_sample(layer, rec, ["weight"])["weight"]
                 out["weight"] = row_sq(ps)
         if "bias" in names:
-            out["bias"] = row_sq(rec.g.reshape(rec.g.shape[0], rec.g.shape[1], -1).sum(2))
+            out["bias"] = row_sq(_bias_rows(rec))
         return out
 
     def clipped_sum(self, layer: nn.Module, rec: Record, names: list[str], c: Tensor,
@@ -173,6 +181,6 @@ class ConvHandler(LayerHandler):
                     gc, _pad_input(layer, rec.a), layer.weight, None, list(layer.stride), [0] * nd,
                     list(layer.dilation), False, [0] * nd, layer.groups, [False, True, False])[1]
         if "bias" in names:
-            b, s = dst.get("bias"), rec.g.reshape(rec.g.shape[0], rec.g.shape[1], -1).sum(2)  # (B, C_out)
+            b, s = dst.get("bias"), _bias_rows(rec)  # (B, C_out)
             res["bias"] = torch.mv(s.t(), cv, out=b) if fits(b, s.dtype) else cv @ s
         return res
