@@ -235,3 +235,20 @@ def test_controller_registry_forgets_deleted_controllers():
     del model, opt, ctl
     gc.collect()
     assert key not in ctl_mod._CONTROLLERS
+
+
+def test_cuda_graph_capture_is_refused(monkeypatch):
+    """A CUDA graph records neither the capture's Python nor the reduction: a private model run while a
+    stream captures (torch.compile(mode="reduce-overhead"), torch.cuda.graph) is refused with an error that
+    names the fix, in eager and in the compiled custom-op path. (Simulated on the CPU: the capture flag.)"""
+    from dpengine.grad_sample import controller as ctl_mod
+    from dpengine.grad_sample.controller import PerSampleGradientError
+
+    model, run, opt, dl, ctl = _private_mlp_compiled()
+    x, y = next(iter(dl))
+    monkeypatch.setattr(ctl_mod, "_cuda_graph_capturing", lambda: True)
+    with pytest.raises(PerSampleGradientError, match="reduce-overhead"):
+        model(x)  # eager
+    torch._dynamo.reset()
+    with pytest.raises(PerSampleGradientError, match="reduce-overhead"):
+        run(x)  # compiled: the custom op checks at run time

@@ -113,6 +113,23 @@ class _suspend_capture:
         _state.suspended = self.prev
 
 
+def _cuda_graph_capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph (never without an initialized CUDA context; the
+    query itself does not exist in a CPU-only build)."""
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+
+
+def _refuse_cuda_graph_capture() -> None:
+    """Capture runs Python at every layer call and a reduction at the end of the backward; a CUDA graph
+    records neither, so a replay would reuse stale captures and never clip. Refused while a stream captures."""
+    if _cuda_graph_capturing():
+        raise PerSampleGradientError(
+            "a private model ran inside CUDA graph capture (torch.compile(mode='reduce-overhead') or "
+            "torch.cuda.graph): dpengine's per-sample capture and clipping run Python that a CUDA graph cannot "
+            "record, so replays would not be clipped. Compile with torch.compile(model) (mode='default' or "
+            "'max-autotune-no-cudagraphs') instead.")
+
+
 def _reducing() -> contextlib.ExitStack:
     """The context every reduction runs in: no autograd, no capture, and no autocast. A backward called
     inside ``torch.autocast`` runs the reduction with autocast still on (it is thread-local state, and the
@@ -537,6 +554,8 @@ class GradSampleController(BatchLedger):
     def _make_pre_hook(self, tl: TrackedLayer) -> Callable:
         def pre_hook(layer: nn.Module, args: tuple) -> None:
             if torch.is_grad_enabled() and _capture_on():
+                if not torch.compiler.is_compiling():  # traced calls are checked when the custom op runs
+                    _refuse_cuda_graph_capture()
                 for n, p in zip(tl.names, tl.params):
                     if layer._parameters.get(n) is not p:
                         raise PerSampleGradientError(
@@ -653,6 +672,7 @@ class GradSampleController(BatchLedger):
     def _open_record(self, index: int, args: list[Tensor]) -> Tensor:
         """Run time, forward of ``_capture_op``: file a record of this call (a copy of its inputs) under a new
         sequence number, returned as a CPU scalar tensor that the graph saves for the backward."""
+        _refuse_cuda_graph_capture()
         tl = self.layers[index]
         self._calls[id(tl)] = self._calls.get(id(tl), 0) + 1
         s = next(_SEQ)
