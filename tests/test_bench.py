@@ -573,4 +573,5 @@ def test_tiny_compiled_suite_end_to_end(tmp_path: Path) -> None:
     for mode in ("nonprivate", "bk"):
         assert metric[(mode, "compiled_graphs")] >= 1
         assert metric[(mode, "compile_s")] > metric[(mode, "step_time_s")]  # compilation is in the warm-up
-    assert metric[("bk", "graph_breaks")] > metric[("nonprivate", "graph_breaks")]  # capture breaks the graph
+    # dpengine's capture goes through custom ops: no graph break beyond the plain model's (none here)
+    assert metric[("bk", "graph_breaks")] == metric[("nonprivate", "graph_breaks")] == 0
