@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ._validate import one_of, positive
-from .grad_sample.ledger import BatchLedger
+from .grad_sample.ledger import BatchLedger, sum_dtype
 
 #: Relative slack that turns a float64 SVD's largest singular value into a certified upper bound. LAPACK's
 #: SVD is backward stable (error O(n * 1.1e-16) relative to the largest singular value), so 1e-9 covers any
@@ -713,7 +713,7 @@ class LipschitzSums(BatchLedger):
         factor = (float(batch) if self.mean_reduction else 1.0) * self.output_scale
         with torch.no_grad():
             for p, grad in grads:
-                t = grad.to(torch.promote_types(p.dtype, torch.float32)) * factor
+                t = grad.to(sum_dtype(p.dtype)) * factor
                 if p in self._summed:
                     self._summed[p].add_(t)
                 else:

@@ -20,7 +20,7 @@ from torch.optim import Optimizer
 from . import accounting
 from .clipping import ClippingPolicy
 from .grad_sample.controller import GradSampleController, LossReduction
-from .grad_sample.ledger import nonfinite_flag
+from .grad_sample.ledger import nonfinite_flag, sum_dtype
 from .grad_sample.registry import PerSampleGradientError
 from .noise import GaussianNoise
 
@@ -60,7 +60,6 @@ def _flat_buffer(ts: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tenso
         views.append(flat[offset:offset + t.numel()].view(t.shape))
         offset += t.numel()
     return flat, views
-
 
 
 def _segments(accountant: Any) -> list[Segment]:
@@ -307,7 +306,7 @@ class DPOptimizer(Optimizer):
                     "make_private after setting requires_grad on every parameter you want to train.")
             grad = sums.get(p)
             if grad is None:  # no sample touched it (e.g. an empty Poisson batch): noise only
-                grad = torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32))
+                grad = torch.zeros_like(p, dtype=sum_dtype(p.dtype))
             grads.append((p, grad.contiguous()))
         # the sums are engine-owned buffers: noise goes in place, added once per logical step
         # the clipped sums already carry the 1 / expected batch size of a mean reduction (the controller

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from ..clipping import ClippingPolicy
 from . import fused
 from .functorch import FALLBACK
-from .ledger import _WIDEN, BatchLedger, SumBuckets, nonfinite_flag
+from .ledger import BatchLedger, SumBuckets, nonfinite_flag, sum_dtype
 from .registry import (JOINT, LayerHandler, NormMethod, PerSampleGradientError, Record, cross_term, direct_trainable,
                        find_handler, row_sq, weighted_sum)
 
@@ -394,7 +394,7 @@ def _accumulate(into: dict[nn.Parameter, Tensor], p: nn.Parameter, t: Tensor,
     if p in into:
         into[p].add_(t)
         return
-    dtype = _sum_dtype(p)
+    dtype = sum_dtype(p.dtype)
     slot = buckets.slot(p, dtype) if buckets is not None else None
     if slot is None:
         into[p] = t.to(dtype)
@@ -402,12 +402,6 @@ def _accumulate(into: dict[nn.Parameter, Tensor], p: nn.Parameter, t: Tensor,
         into[p] = t  # written in place by the handler
     else:
         into[p] = slot.copy_(t)
-
-
-def _sum_dtype(p: Tensor) -> torch.dtype:
-    """Clipped sums are kept (and noised) in at least float32: rounding a sum to bf16 before the noise is
-    not post-processing, and could push one sample's contribution past the clipping bound."""
-    return _WIDEN.get(p.dtype, p.dtype)
 
 
 def _total(terms: list[Tensor], batch: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -422,7 +416,7 @@ def _total(terms: list[Tensor], batch: int, dtype: torch.dtype, device: torch.de
 def _promote(rec: Record) -> None:
     """Per-sample norms and sums in at least float32, with a and g in one dtype (under autocast a layer's
     input and output gradient may differ): low-precision norms could under-state a sample's norm."""
-    work = _WIDEN.get(rec.g.dtype, rec.g.dtype)
+    work = sum_dtype(rec.g.dtype)
     if rec.g.is_floating_point() and rec.g.dtype != work:
         rec.g = rec.g.to(work)
     if any(isinstance(x, Tensor) and x.is_floating_point() and x.dtype != work for x in rec.args):
@@ -526,10 +520,10 @@ class GradSampleController(BatchLedger):
         weakref.finalize(self, _CONTROLLERS.pop, self._ctl_key, None)
         self._inflight: dict[int, tuple[TrackedLayer, Record]] = {}
         self._handles = [module.register_forward_pre_hook(self._root_pre_hook)]
-        for tl in self.layers:
+        for index, tl in enumerate(self.layers):
             self._handles.append(tl.module.register_forward_pre_hook(self._make_pre_hook(tl)))
             self._handles.append(
-                tl.module.register_forward_hook(self._make_hook(tl), with_kwargs=True, always_call=True))
+                tl.module.register_forward_hook(self._make_hook(tl, index), with_kwargs=True, always_call=True))
 
     def _separable_layers(self) -> dict[int, bool]:
         users: dict[int, int] = {}
@@ -597,9 +591,7 @@ class GradSampleController(BatchLedger):
             return None
         return b
 
-    def _make_hook(self, tl: TrackedLayer) -> Callable:
-        index = next(i for i, t in enumerate(self.layers) if t is tl)
-
+    def _make_hook(self, tl: TrackedLayer, index: int) -> Callable:
         def hook(layer: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
             if id(tl) not in self._swapped:
                 return None
@@ -876,7 +868,7 @@ class GradSampleController(BatchLedger):
                     [(tl, rec)], b, self._staged, self._staged_unclipped)
                 self._staged_sq = sq if self._staged_sq is None else self._staged_sq + sq
             for p in tl.params:
-                self._staged.setdefault(p, torch.zeros_like(p, dtype=_sum_dtype(p)))
+                self._staged.setdefault(p, torch.zeros_like(p, dtype=sum_dtype(p.dtype)))
             rec.release()
 
     def _reduce_fused(self, tl: TrackedLayer, rec: Record, batch: int) -> Tensor | None:
@@ -911,7 +903,7 @@ class GradSampleController(BatchLedger):
             for tl, _ in pending:
                 for p in tl.params:
                     if p not in self._summed:
-                        _accumulate(self._summed, p, torch.zeros_like(p, dtype=_sum_dtype(p)), self.sum_buckets)
+                        _accumulate(self._summed, p, torch.zeros_like(p, dtype=sum_dtype(p.dtype)), self.sum_buckets)
             self.batches_accumulated += 1
             return
         sq = self._norms_and_sums(pending, batch, self._summed, self._unclipped) if pending else None
@@ -937,7 +929,7 @@ class GradSampleController(BatchLedger):
             for n, p in zip(tl.names, tl.params):
                 uses.setdefault(p, []).append((tl, rec, n))
         ref = pending[0][1].g
-        work = _WIDEN.get(ref.dtype, ref.dtype)
+        work = sum_dtype(ref.dtype)
         # (B,) squared-norm terms per group, added up once at the end (one stack and one sum per group,
         # not a read-modify-write of a (K, B) buffer per parameter)
         terms: list[list[Tensor]] = [[] for _ in range(self.policy.num_groups)]
@@ -998,13 +990,13 @@ class GradSampleController(BatchLedger):
                 if buckets is not None:
                     for n in ns:
                         p = tl.params[tl.names.index(n)]
-                        slot = None if p in into else buckets.slot(p, _sum_dtype(p))
+                        slot = None if p in into else buckets.slot(p, sum_dtype(p.dtype))
                         if slot is not None:
                             out[n] = slot
                 for n, t in tl.handler.clipped_sum(tl.module, rec, ns, rows[k], out=out or None).items():
                     _accumulate(into, tl.params[tl.names.index(n)], t, buckets)
         for p, ps in materialized.items():
-            slot = None if buckets is None or p in into else buckets.slot(p, _sum_dtype(p))
+            slot = None if buckets is None or p in into else buckets.slot(p, sum_dtype(p.dtype))
             _accumulate(into, p, weighted_sum(ps, rows[group(p)], out=slot), buckets)
 
     def _check_no_leak(self) -> None:

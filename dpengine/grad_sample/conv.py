@@ -59,10 +59,7 @@ def unfold_nd(layer: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
 
 def _bias_rows(rec: Record) -> Tensor:
     """Per-sample bias gradients (B, C_out): g summed over positions, once per record (norm and sum)."""
-    rows = rec.extra.get("bias_rows")
-    if rows is None:
-        rows = rec.extra["bias_rows"] = rec.g.reshape(rec.g.shape[0], rec.g.shape[1], -1).sum(2)
-    return rows
+    return rec.memo("bias_rows", lambda: rec.g.reshape(rec.g.shape[0], rec.g.shape[1], -1).sum(2))
 
 
 #: per-sample implementation chosen per (shape, dtype, device): "grouped" or "im2col"

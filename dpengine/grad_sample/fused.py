@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .ledger import sum_dtype
 from .linear import GPT2Conv1DHandler, LinearHandler, _LinearLike, _token_sum
 from .registry import LayerHandler, NormMethod, OuterFactors, PerSampleGradientError, Record, flatten_tokens, row_sq
 
@@ -94,7 +95,7 @@ class _FusedLinearLike(_LinearLike):
 
     @staticmethod
     def _promoted(x: Tensor) -> Tensor:
-        return x.to(torch.promote_types(x.dtype, torch.float32))
+        return x.to(sum_dtype(x.dtype))
 
     def _rows_cols(self, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
         """The weight's (rows, cols) operands: (g, a) for Linear's (out, in), (a, g) for Conv1D's (in, out)."""

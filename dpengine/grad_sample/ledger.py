@@ -21,8 +21,14 @@ def nonfinite_flag(t: torch.Tensor) -> torch.Tensor:
     return (s - s).ne(0)  # s - s is 0 for a finite s, NaN for inf or NaN
 
 
-#: dtypes whose clipped sums are kept in float32 (everything narrower); wider ones keep their own
 _WIDEN = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
+
+
+def sum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype per-sample norms and clipped sums are formed and kept in: float32 for the 16-bit floats,
+    the dtype itself otherwise. Rounding a sum to bf16 before the noise is not post-processing, and
+    low-precision norms could under-state a sample's norm."""
+    return _WIDEN.get(dtype, dtype)
 
 
 class SumBuckets:
@@ -45,7 +51,7 @@ class SumBuckets:
 
     def _layout(self, key: tuple[torch.device, torch.dtype]) -> tuple[list[nn.Parameter], int]:
         if key not in self._layouts:
-            members = [q for q in self._order if q.device == key[0] and _WIDEN.get(q.dtype, q.dtype) == key[1]]
+            members = [q for q in self._order if q.device == key[0] and sum_dtype(q.dtype) == key[1]]
             self._layouts[key] = (members, sum(q.numel() for q in members))
         return self._layouts[key]
 

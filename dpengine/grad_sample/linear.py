@@ -104,10 +104,7 @@ def _rows(x: Tensor) -> Tensor:
 
 def _bias_rows(rec: Record, g: Tensor) -> Tensor:
     """The per-sample bias gradients (B, p), formed once per record for the norm and the sum."""
-    rows = rec.extra.get("bias_rows")
-    if rows is None:
-        rows = rec.extra["bias_rows"] = _token_sum(g)
-    return rows
+    return rec.memo("bias_rows", lambda: _token_sum(g))
 
 
 def _token_sum(g: Tensor) -> Tensor:

@@ -54,6 +54,12 @@ class Record:
     def a(self) -> Tensor:
         return self.args[0]
 
+    def memo(self, key: str, make: Callable[[], Any]) -> Any:
+        """``make()`` once per record, kept in ``extra[key]`` (a tensor the norm and the sum both need)."""
+        if key not in self.extra:
+            self.extra[key] = make()
+        return self.extra[key]
+
     def release(self) -> None:
         """Drop the captured input and gradient once a handler has cached all it still needs."""
         self.args, self.kwargs, self.g = (), {}, None
