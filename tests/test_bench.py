@@ -59,20 +59,24 @@ VS_NP = {"time_ratio_vs_nonprivate", "mem_ratio_vs_nonprivate", "step_mem_ratio_
 VS_OPACUS = {"time_ratio_vs_best_opacus", "mem_ratio_vs_best_opacus"}
 
 
-@needs_opacus
-@needs_matplotlib
-def test_tiny_suite_end_to_end(tmp_path: Path) -> None:
-    suite_file = tmp_path / "tiny.toml"
-    suite_file.write_text(TINY)
+def _run_suite(tmp_path: Path, text: str) -> tuple[Path, list[dict[str, str]]]:
+    """Run the suite ``text`` through the CLI (no accounting) into tmp_path/out; its output dir and CSV rows."""
+    suite_file = tmp_path / "suite.toml"
+    suite_file.write_text(text)
     out = tmp_path / "out"
     res = CliRunner().invoke(bench, ["--suite", str(suite_file), "--output-dir", str(out), "--no-progress",
                                      "--no-accounting"])
     assert res.exit_code == 0, res.output + repr(res.exception)
-
     with (out / "results.csv").open() as f:
         reader = csv.DictReader(f)
         assert tuple(reader.fieldnames or ()) == CSV_COLUMNS
-        rows = list(reader)
+        return out, list(reader)
+
+
+@needs_opacus
+@needs_matplotlib
+def test_tiny_suite_end_to_end(tmp_path: Path) -> None:
+    out, rows = _run_suite(tmp_path, TINY)
     by_cfg: dict[tuple[str, str], dict[str, dict[str, str]]] = {}
     for r in rows:
         by_cfg.setdefault((r["model"], r["mode"]), {})
@@ -558,14 +562,7 @@ params = { sizes = [8, 6, 3] }
 def test_tiny_compiled_suite_end_to_end(tmp_path: Path) -> None:
     """Real subprocess workers under torch.compile(mode=None, dynamic=True): both rows run, bk compiled after
     make_private, compile time reported apart from the step times."""
-    suite_file = tmp_path / "tinyc.toml"
-    suite_file.write_text(TINY_COMPILED)
-    out = tmp_path / "out"
-    res = CliRunner().invoke(bench, ["--suite", str(suite_file), "--output-dir", str(out), "--no-progress",
-                                     "--no-accounting"])
-    assert res.exit_code == 0, res.output + repr(res.exception)
-    with (out / "results.csv").open() as f:
-        rows = list(csv.DictReader(f))
+    _, rows = _run_suite(tmp_path, TINY_COMPILED)
     assert {r["status"] for r in rows} == {"ok"}, [r["status"] for r in rows]
     assert {r["compile"] for r in rows} == {"default"}
     metric = {(r["mode"], r["metric"]): float(r["median"]) for r in rows}

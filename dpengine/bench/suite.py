@@ -59,20 +59,23 @@ def _check_keys(where: str, data: dict[str, Any], allowed: set[str]) -> None:
         raise SuiteError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(allowed))}")
 
 
-def _check_precisions(where: str, precisions: tuple[str, ...]) -> None:
-    if not precisions:
-        raise SuiteError(f"{where}: precisions must not be empty")
-    bad = [p for p in precisions if p not in PRECISIONS]
+def _check_choices(where: str, key: str, kind: str, values: tuple[str, ...], known: tuple[str, ...],
+                   hint: str = "") -> None:
+    """``values`` (the suite key ``key``) non-empty and each one of ``known`` (named ``kind``), else a SuiteError."""
+    if not values:
+        raise SuiteError(f"{where}: {key} must not be empty{hint}")
+    bad = [v for v in values if v not in known]
     if bad:
-        raise SuiteError(f"{where}: unknown precision(s) {', '.join(map(repr, bad))}; known: {', '.join(PRECISIONS)}")
+        raise SuiteError(f"{where}: unknown {kind} {', '.join(map(repr, bad))}; known: {', '.join(known)}")
+
+
+def _check_precisions(where: str, precisions: tuple[str, ...]) -> None:
+    _check_choices(where, "precisions", "precision(s)", precisions, PRECISIONS)
 
 
 def _check_compiles(where: str, compiles: tuple[str, ...]) -> None:
-    if not compiles:
-        raise SuiteError(f"{where}: compile must not be empty (use [\"eager\"] for no compilation)")
-    bad = [c for c in compiles if c not in COMPILE_MODES]
-    if bad:
-        raise SuiteError(f"{where}: unknown compile setting(s) {', '.join(map(repr, bad))}; known: {', '.join(COMPILE_MODES)}")
+    _check_choices(where, "compile", "compile setting(s)", compiles, COMPILE_MODES,
+                   ' (use ["eager"] for no compilation)')
 
 
 def _check_modes(where: str, modes: tuple[str, ...]) -> None:
