@@ -256,9 +256,9 @@ class PrivacyEngine:
                                                 options["loss_lipschitz"], input_shape=options.get("input_shape"))
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         policy = LipschitzBounds({id(p): bounds[n] for n, p in named}, {id(p): p.numel() for _, p in named})
-        lip.attach_projection(optimizer, module)
-        return policy, lip.LipschitzSums(module, [p for _, p in named],
-                                         mean_reduction=loss_reduction == LossReduction.MEAN.value)
+        sums = lip.LipschitzSums(module, [p for _, p in named], mean_reduction=loss_reduction == LossReduction.MEAN.value)
+        lip.attach_projection(optimizer, module)  # after every check: a refused make_private attaches nothing
+        return policy, sums
 
     def make_private_with_epsilon(
         self,

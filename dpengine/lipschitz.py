@@ -40,6 +40,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ._validate import one_of, positive
 from .grad_sample.ledger import BatchLedger, sum_dtype
+from .grad_sample.precision import reduced_fp32_math
 
 #: Relative slack that turns a float64 SVD's largest singular value into a certified upper bound. LAPACK's
 #: SVD is backward stable (error O(n * 1.1e-16) relative to the largest singular value), so 1e-9 covers any
@@ -657,6 +658,29 @@ def attach_projection(optimizer: torch.optim.Optimizer, model: nn.Module) -> Rem
 
 
 # ------------------------------------------------------------------------------------------ engine side
+_HALF = (torch.float16, torch.bfloat16)
+_EXACT_FIX = ("its analytic gradient bounds hold for exact float32 (or float64) arithmetic, with a 1e-5 slack for "
+              "float32 rounding; bf16/fp16 or TF32 rounding (about 1e-3 per layer) could exceed them. Keep the "
+              "model in float32, run it outside torch.autocast, and keep float32 math exact "
+              "(torch.set_float32_matmul_precision('highest'); on CUDA also "
+              "torch.backends.cudnn.conv.fp32_precision = 'ieee', as cuDNN convolutions default to TF32).")
+
+
+def _check_exact_fp32(layer: nn.Module, args: Any) -> None:
+    """Forward pre-hook of every constrained layer of a private Lipschitz model: refuse a forward that will
+    be differentiated (grad enabled) in reduced precision."""
+    if not torch.is_grad_enabled():
+        return
+    device = layer.weight.device.type
+    found = []
+    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device) \
+            and torch.get_autocast_dtype(device) in _HALF:
+        found.append(f"torch.autocast({device!r}, dtype={torch.get_autocast_dtype(device)})")
+    found += reduced_fp32_math(device)
+    if found:
+        raise RuntimeError(f"clipping='lipschitz' refuses this forward ({', '.join(found)}): " + _EXACT_FIX)
+
+
 class LipschitzSums(BatchLedger):
     """The gradient source of ``make_private(clipping="lipschitz")``: no per-sample work at all.
 
@@ -677,7 +701,12 @@ class LipschitzSums(BatchLedger):
         self.mean_reduction = mean_reduction
         self._queued_for: int | None = None
         self._root_batch: int | None = None
+        low = sorted({str(p.dtype).replace("torch.", "") for p in params if p.dtype in _HALF})
+        if low:
+            raise ValueError(f"clipping='lipschitz' cannot train {'/'.join(low)} parameters: " + _EXACT_FIX)
         self._handles = [module.register_forward_hook(self._on_output)]
+        self._handles += [m.register_forward_pre_hook(_check_exact_fp32) for m in module.modules()
+                          if isinstance(m, _ConstrainedLayer)]
 
     def _on_output(self, module: nn.Module, args: Any, out: Any) -> None:
         if isinstance(out, Tensor) and out.requires_grad:

@@ -52,3 +52,20 @@ def one_thread():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def restore_fp32_switches():
+    """Put torch's process-wide float32 precision switches (legacy and per backend/op) back after a test."""
+    keys = [("generic", "all"), ("cuda", "matmul"), ("cuda", "conv"), ("cuda", "rnn"), ("mkldnn", "matmul"),
+            ("mkldnn", "conv"), ("mkldnn", "rnn")]
+    try:
+        legacy = torch._C._get_float32_matmul_precision()
+    except RuntimeError:
+        legacy = "highest"
+    raw = [torch._C._get_fp32_precision_getter(*k) for k in keys] \
+        if hasattr(torch._C, "_get_fp32_precision_getter") else []
+    yield
+    torch._C._set_float32_matmul_precision(legacy)
+    for k, v in zip(keys, raw):
+        torch._C._set_fp32_precision_setter(*k, v)

@@ -159,3 +159,69 @@ def test_backward_inside_autocast_reduces_in_float32(mode, clipping):
     assert torch.allclose(n_in, n_out, rtol=1e-5, atol=0), float(((n_in - n_out) / n_out).abs().max())
     for a, b in zip(s_in, s_out):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-9), float(((a - b).norm() / b.norm()))
+
+
+# ------------------------------------------------------------------ reduced-precision float32 math (TF32, oneDNN bf16)
+_SWITCHES = [("generic", "all"), ("cuda", "matmul"), ("cuda", "conv"), ("cuda", "rnn"), ("mkldnn", "matmul"),
+             ("mkldnn", "conv"), ("mkldnn", "rnn")]
+
+
+def _precision_state() -> tuple:
+    try:
+        legacy = torch._C._get_float32_matmul_precision()
+    except RuntimeError:  # the two APIs mixed: unreadable
+        legacy = None
+    return legacy, tuple(torch._C._get_fp32_precision_getter(*k) for k in _SWITCHES)
+
+
+_USER_SETTINGS = {
+    "default": lambda: None,
+    "legacy high (TF32)": lambda: torch.set_float32_matmul_precision("high"),
+    "legacy medium (oneDNN bf16)": lambda: torch.set_float32_matmul_precision("medium"),
+    "legacy allow_tf32 flags": lambda: (setattr(torch.backends.cuda.matmul, "allow_tf32", True),
+                                        setattr(torch.backends.cudnn, "allow_tf32", True)),
+    "new API per op": lambda: (setattr(torch.backends.mkldnn.matmul, "fp32_precision", "bf16"),
+                               setattr(torch.backends.mkldnn.conv, "fp32_precision", "tf32")),
+    "new API generic tf32": lambda: setattr(torch.backends, "fp32_precision", "tf32"),
+}
+
+
+@pytest.mark.skipif(not hasattr(torch._C, "_get_fp32_precision_getter"), reason="torch < 2.9: legacy switches only")
+@pytest.mark.parametrize("setting", sorted(_USER_SETTINGS))
+@pytest.mark.parametrize("mode", MODES)
+def test_reduction_runs_exact_float32_whatever_the_user_switched_on(setting, mode, restore_fp32_switches, monkeypatch):
+    """With TF32 (CUDA) or oneDNN's bf16 float32 math (CPU) switched on, norms formed by those units are
+    off by about 1e-3 relative. Inside the reduction every float32 switch reads exact, cuBLAS's own
+    consistency check passes (it raises on a mix of the legacy and new APIs before every float32 GEMM), and
+    afterwards the user's switches are exactly as they set them."""
+    from dpengine.grad_sample import linear as linear_mod
+    from dpengine.grad_sample.precision import reduced_fp32_math
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    x, y = torch.randn(5, 4, 6), torch.randint(0, 3, (5, 4))
+    _USER_SETTINGS[setting]()
+    before = _precision_state()
+    seen = []
+
+    def spied(name):
+        original = getattr(linear_mod._LinearLike, name)
+
+        def spy(self, *args, **kwargs):
+            seen.append((reduced_fp32_math("cuda") + reduced_fp32_math("cpu"), torch._C._get_cublas_allow_tf32(),
+                         torch._C._get_float32_matmul_precision()))
+            return original(self, *args, **kwargs)
+        return spy
+
+    for name in ("per_sample", "norm_sq", "clipped_sum"):
+        monkeypatch.setattr(linear_mod._LinearLike, name, spied(name))
+    ctrl = GradSampleController(model, mode=GradSampleMode(mode), clip_factors=lambda n: (1.0 / n).clamp(max=1.0),
+                                loss_reduction=LossReduction.MEAN)
+    ctrl.note_batch(5)
+    F.cross_entropy(model(x).reshape(-1, 3), y.reshape(-1)).backward()
+    ctrl.pop_clipped_sums()
+    ctrl.detach()
+    assert len(seen) >= 4 and all(s == ([], False, "highest") for s in seen), seen
+    assert _precision_state() == before or before[0] is None and _precision_state()[1] == before[1]
+    if setting != "default":
+        assert reduced_fp32_math("cuda") + reduced_fp32_math("cpu")  # the user's setting is back in force

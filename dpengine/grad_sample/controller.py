@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from ..clipping import ClippingPolicy
 from . import fused
 from .functorch import FALLBACK
+from .precision import exact_fp32
 from .ledger import BatchLedger, SumBuckets, nonfinite_flag, sum_dtype
 from .registry import (JOINT, LayerHandler, NormMethod, PerSampleGradientError, Record, cross_term, direct_trainable,
                        find_handler, row_sq, weighted_sum)
@@ -134,13 +135,16 @@ def _reducing() -> contextlib.ExitStack:
     """The context every reduction runs in: no autograd, no capture, and no autocast. A backward called
     inside ``torch.autocast`` runs the reduction with autocast still on (it is thread-local state, and the
     engine carries it into the backward), which would form the norms' GEMMs in bf16/fp16 and could
-    under-state a sample's norm: norms, factors and clipped sums are computed in the dtypes chosen here."""
+    under-state a sample's norm: norms, factors and clipped sums are computed in the dtypes chosen here.
+    For the same reason float32 products and convolutions run exact, not in TF32 or oneDNN's bf16 mode
+    (``precision.exact_fp32``)."""
     stack = contextlib.ExitStack()
     stack.enter_context(torch.no_grad())
     stack.enter_context(_suspend_capture())
     for device in ("cpu", "cuda"):
         if torch.is_autocast_enabled(device):
             stack.enter_context(torch.autocast(device, enabled=False))
+    exact_fp32(stack)
     return stack
 
 

@@ -1,0 +1,89 @@
+"""Exact float32 arithmetic for the reduction, whatever reduced-precision float32 math the user switched on.
+
+torch lets float32 matrix products and convolutions run on reduced-precision units: TF32 on CUDA (cuBLAS
+with ``torch.set_float32_matmul_precision("high")`` or ``torch.backends.cuda.matmul.allow_tf32``; cuDNN
+convolutions by default), and bf16 or TF32 in oneDNN on CPUs that have them (``"medium"``). A TF32 product
+rounds its inputs to 10 mantissa bits: per-sample norms formed that way are off by about 1e-3 relative, so a
+sample's clipped contribution could exceed C by as much. The reduction therefore runs with every float32
+switch at ``"ieee"`` (:func:`exact_fp32`), and a model whose privacy rests on its forward and backward
+being exact float32 (Lipschitz training) can ask which switches are not (:func:`reduced_fp32_math`).
+
+The switches are process-wide (torch has no thread-local override in Python), so they are set on entry and
+restored on exit, exactly: the per-(backend, op) values of torch >= 2.9's ``fp32_precision`` API and the
+legacy ``float32_matmul_precision``, which cuBLAS checks against the new value before every float32 GEMM
+(a mix raises there). Setting and restoring them costs about 4 microseconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+#: the (backend, op) switches a reduction's products and convolutions go through
+OPS = (("cuda", "matmul"), ("cuda", "conv"), ("mkldnn", "matmul"), ("mkldnn", "conv"))
+_REDUCED = frozenset({"tf32", "bf16"})
+_C: Any = torch._C
+_NEW_API = hasattr(_C, "_get_fp32_precision_getter")
+
+
+def _effective(backend: str, op: str) -> str:
+    """The precision an op of ``backend`` runs at: its own value, else its backend's, else the generic one."""
+    for b, o in ((backend, op), (backend, "all"), ("generic", "all")):
+        value = _C._get_fp32_precision_getter(b, o)
+        if value != "none":
+            return value
+    return "ieee"
+
+
+def _legacy() -> str:
+    """``float32_matmul_precision``, also where the user mixed the two APIs (its getter then raises): the
+    value consistent with cuBLAS's own check, which is what a restore must keep."""
+    try:
+        return _C._get_float32_matmul_precision()
+    except RuntimeError:
+        if _effective("cuda", "matmul") != "tf32":
+            return "highest"
+        return "medium" if _C._get_fp32_precision_getter("mkldnn", "matmul") == "bf16" else "high"
+
+
+def reduced_fp32_math(device_type: str) -> list[str]:
+    """The switches that let float32 products or convolutions on ``device_type`` ("cuda" or "cpu") run at
+    reduced precision, as ``"backend.op=value"`` strings (empty when all of them are exact)."""
+    backend = "cuda" if device_type == "cuda" else "mkldnn"
+    if not _NEW_API:
+        if backend != "cuda":
+            return []
+        flags = [("cuda.matmul.allow_tf32", torch.backends.cuda.matmul.allow_tf32),
+                 ("cudnn.allow_tf32", torch.backends.cudnn.allow_tf32)]
+        return [f"{name}=True" for name, on in flags if on]
+    return [f"{b}.{o}={v}" for b, o in OPS if b == backend and (v := _effective(b, o)) in _REDUCED]
+
+
+def exact_fp32(stack: contextlib.ExitStack) -> None:
+    """Switch every float32 product and convolution to exact float32 until ``stack`` closes (a no-op, and
+    nothing to restore, when they already are)."""
+    if not _NEW_API:  # torch < 2.9: the two legacy CUDA switches
+        for module in (torch.backends.cuda.matmul, torch.backends.cudnn):
+            if module.allow_tf32:
+                module.allow_tf32 = False
+                stack.callback(setattr, module, "allow_tf32", True)
+        return
+    reduced = [k for k in OPS if _effective(*k) in _REDUCED]
+    legacy = _legacy()
+    if not reduced and legacy == "highest":
+        return
+    saved = {k: _C._get_fp32_precision_getter(*k) for k in OPS}
+
+    def restore() -> None:
+        if legacy != "highest":
+            _C._set_float32_matmul_precision(legacy)  # rewrites the two matmul values: set them back after
+        for k, value in saved.items():
+            _C._set_fp32_precision_setter(*k, value)
+
+    stack.callback(restore)
+    if legacy != "highest":
+        _C._set_float32_matmul_precision("highest")  # legacy and both matmul values, consistently
+    for k in reduced:
+        _C._set_fp32_precision_setter(*k, "ieee")
