@@ -65,6 +65,11 @@ class PoissonBatchSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         return self.steps
 
+    def set_epoch(self, epoch: int) -> None:
+        """Accepted and ignored, so a data-parallel loop written for ``DistributedSampler`` runs unchanged:
+        every batch is a fresh draw from the sampler's randomness, so no epoch needs to reseed it (and every
+        rank advances its generator by the same draws, whatever the epoch)."""
+
     def _mask(self) -> torch.Tensor:
         """One inclusion decision per candidate index (see the class docstring for the probability)."""
         n = self.num_samples
@@ -120,6 +125,18 @@ class ShardedPoissonBatchSampler(PoissonBatchSampler):
             return super()._mask()  # this shard's decisions only, from the OS CSPRNG
         uniforms = torch.rand(self.total_samples, dtype=torch.float64, generator=self.generator)
         return uniforms[self.rank::self.world_size] < self._cutoff
+
+
+class _EpochSequentialSampler(SequentialSampler):
+    """The ``sampler`` attribute of a DPDataLoader: a SequentialSampler over the dataset, as DataLoader
+    makes, whose ``set_epoch`` goes to the Poisson batch sampler (which ignores it, see there)."""
+
+    def __init__(self, dataset: Any, batch_sampler: PoissonBatchSampler):
+        super().__init__(dataset)
+        self.batch_sampler = batch_sampler
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batch_sampler.set_epoch(epoch)
 
 
 def _needs_collate_fn(why: str) -> ValueError:
@@ -327,6 +344,9 @@ class DPDataLoader(DataLoader):
         )
         loader.sample_rate = sample_rate
         loader.expected_batch_size = sample_rate * n
+        # ``loader.sampler`` (unused: the batch sampler decides) answers ``set_epoch`` like the
+        # DistributedSampler it replaces; DataLoader forbids assigning it after __init__
+        object.__setattr__(loader, "sampler", _EpochSequentialSampler(dataset, batch_sampler))
         return loader
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]

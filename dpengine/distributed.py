@@ -299,6 +299,21 @@ class DistributedContext:
         for h in self._handles:
             h.remove()
         self._handles = []
+        ddp = self.ddp
+        if ddp is not None:  # its reducer stays inert: refuse, from now on, a backward that would not all-reduce
+            ddp.register_forward_pre_hook(_refuse_inert_ddp)
+
+
+def _refuse_inert_ddp(ddp: nn.Module, args: Any) -> None:
+    """Forward pre-hook left on a DDP wrapper after ``PrivacyEngine.detach()``: its reducer's autograd hooks
+    were removed by make_private and cannot be put back, so a backward through it would silently train
+    each rank on its own gradient. Evaluation (grad disabled, or eval mode) stays allowed."""
+    if torch.is_grad_enabled() and ddp.training:
+        raise RuntimeError("This DistributedDataParallel no longer averages gradients across ranks: make_private "
+                           "removed its reducer's gradient hooks (dpengine all-reduces the clipped sums itself), and "
+                           "detach() cannot restore them. To train non-privately, wrap the module in a new "
+                           "DistributedDataParallel(ddp.module, ...); for evaluation, use torch.no_grad() or "
+                           "ddp.eval().")
 
 
 class _SummedNoise:

@@ -41,6 +41,17 @@ def _step_rdp(noise_multiplier: float, sample_rate: float) -> np.ndarray:
     return rdp
 
 
+def _one_std(stds: list[Any]) -> bool:
+    """Whether every parameter gets the same noise std. Device-tensor stds (adaptive clipping's bound) are
+    compared by identity: comparing their values would read them to the host, a sync every step."""
+    if any(isinstance(s, torch.Tensor) for s in stds):
+        if all(s is stds[0] for s in stds):
+            return True
+        raise TypeError("internal: a clipping policy's noise_stds returned different device tensors; return one "
+                        "tensor for all parameters, or floats.")
+    return all(s == stds[0] for s in stds)
+
+
 def _flat_buffer(ts: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The 1-D buffer that ``ts`` tile exactly, in order, with ``ts`` themselves as its views (the
     controller's sum buckets: no copy); else their concatenation (a copy) and views of it."""
@@ -342,7 +353,7 @@ class DPOptimizer(Optimizer):
         scale = self.controller.output_scale
 
         def add_noise() -> None:
-            if all(s is stds[0] or s == stds[0] for s in stds):  # one std (a float, or adaptive's device bound)
+            if _one_std(stds):  # one std (a float, or adaptive's device bound)
                 self.noise.add_(flats, (stds[0] if stds else 0.0) * scale)
             else:  # per-parameter noise (Lipschitz): still one draw per flat buffer
                 self.noise.add_(views, [std * scale for std in stds])

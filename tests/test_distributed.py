@@ -581,6 +581,49 @@ def test_one_rank_ddp_is_the_single_process_run(tmp_path, sigma):
     assert any(single[n].ne(_mlp().state_dict()[n]).any() for n in single)
 
 
+def test_set_epoch_is_accepted_and_a_detached_ddp_refuses_to_train(tmp_path):
+    """A DistributedSampler loop calls ``loader.sampler.set_epoch(epoch)``: accepted, and it changes no batch
+    (each is a fresh Poisson draw). After ``engine.detach()`` the DDP wrapper's reducer stays inert, so a
+    training forward through it is refused (it would train each rank alone); evaluation still runs, and a
+    new DistributedDataParallel around the module trains."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    from torch.utils.data.distributed import DistributedSampler
+
+    from dpengine import PrivacyEngine
+
+    def batches(set_epoch: bool) -> tuple[list[list[int]], Any, Any]:
+        ds = _dataset()
+        module = DistributedDataParallel(_mlp())
+        engine = PrivacyEngine(seed=SEED)
+        module, _, loader = engine.make_private(
+            module=module, optimizer=torch.optim.SGD(module.parameters(), lr=LR),
+            data_loader=DataLoader(ds, batch_size=6, sampler=DistributedSampler(ds)), noise_multiplier=1.0,
+            max_grad_norm=C)
+        seen = []
+        for epoch in range(2):
+            if set_epoch:
+                loader.sampler.set_epoch(epoch)
+            seen += [idx.tolist() for _, _, idx in loader]
+        return seen, engine, module
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with_epochs, engine, ddp = batches(True)
+        assert with_epochs == batches(False)[0] and len(with_epochs) == 8
+        engine.detach()
+        x = _dataset().tensors[0][:4]
+        with pytest.raises(RuntimeError, match="no longer averages gradients.*new DistributedDataParallel"):
+            ddp(x)
+        with torch.no_grad():
+            ddp(x)
+        fresh = DistributedDataParallel(ddp.module)
+        fresh(x).sum().backward()
+        assert all(p.grad is not None for p in fresh.parameters())
+    finally:
+        dist.destroy_process_group()
+
+
 def test_buckets_group_by_dtype_and_cap_size():
     from dpengine.distributed import _buckets
 

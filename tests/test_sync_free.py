@@ -357,3 +357,15 @@ def test_cuda_step_never_synchronizes(mode, clipping, precision):
             torch.cuda.set_sync_debug_mode("default")
         assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
     opt.check_finite()
+
+
+def test_one_noise_std_is_decided_without_reading_a_device_std():
+    """Adaptive clipping's std is a device tensor: the one-std test compares it by identity (a value
+    comparison would read it to the host every step), and refuses two different device tensors."""
+    from dpengine.optimizer import _one_std
+
+    bound = torch.tensor(0.7)
+    assert _one_std([1.0, 1.0]) and not _one_std([1.0, 2.0]) and _one_std([])
+    assert _one_std([bound, bound, bound])
+    with pytest.raises(TypeError, match="different device tensors"):
+        _one_std([bound, torch.tensor(0.7)])
