@@ -41,6 +41,20 @@ def _step_rdp(noise_multiplier: float, sample_rate: float) -> np.ndarray:
     return rdp
 
 
+#: whether a clean CPU step skips the masking passes (``_clean_on_cpu``); the CPU tests of the device path,
+#: which refuse every host read, turn it off to run exactly what a GPU runs
+CPU_FLAG_SHORTCUT = True
+
+
+def _clean_on_cpu(bad: torch.Tensor, tensors: list[torch.Tensor]) -> bool:
+    """True when the step's non-finite flag and every tensor are on the CPU and the flag is False. Reading a
+    CPU flag waits for nothing (CPU ops are synchronous), so a clean CPU step skips the masking passes over
+    every parameter (the fill, and for stateful optimizers a copy and a lerp); on a device the flag is never
+    read and the masking is done there."""
+    return CPU_FLAG_SHORTCUT and bad.device.type == "cpu" and all(t.device.type == "cpu" for t in tensors) \
+        and not bool(bad)
+
+
 def _one_std(stds: list[Any]) -> bool:
     """Whether every parameter gets the same noise std. Device-tensor stds (adaptive clipping's bound) are
     compared by identity: comparing their values would read them to the host, a sync every step."""
@@ -377,8 +391,9 @@ class DPOptimizer(Optimizer):
         if self._nonfinite is not None:
             bad = bad | self._nonfinite  # sticky: no later update applies until the error is raised
         self._nonfinite = bad
-        for flat in flats:
-            flat.masked_fill_(bad if bad.device == flat.device else bad.to(flat.device), 0.0)
+        if not _clean_on_cpu(bad, flats):  # on a device: mask without reading the flag
+            for flat in flats:
+                flat.masked_fill_(bad if bad.device == flat.device else bad.to(flat.device), 0.0)
         # sums of low-precision parameters are kept and noised in float32; rounding the noisy sum to the
         # parameter's dtype is post-processing (done by the same copy)
         # same dtype: p.grad is the view into the flat buffer (no copy); lower precision: one rounding copy
@@ -490,7 +505,7 @@ class DPOptimizer(Optimizer):
         self._inner_step = True
         try:
             with torch.no_grad():  # a masked step leaves the parameters exactly as they were (lerp weight 1)
-                kept = self._masked_update_start()
+                kept = [] if _clean_on_cpu(bad, self.params) else self._masked_update_start()
             self.original_optimizer.step()
             with torch.no_grad():
                 self._masked_update_end(kept, bad)

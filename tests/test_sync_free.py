@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from dpengine import PrivacyEngine
+from dpengine import optimizer as dp_optimizer
 from dpengine.bench.worker import count_ops
 from dpengine.grad_sample.registry import PerSampleGradientError
 from models import TinyGPT, seq_ce
@@ -52,15 +53,18 @@ def no_host_reads() -> Iterator[None]:
             raise AssertionError("host read of a device value: Tensor.to(cpu)")
         return original_to(self, *args, **kwargs)
 
+    shortcut = dp_optimizer.CPU_FLAG_SHORTCUT
     try:
         for name in SYNC_METHODS:
             setattr(torch.Tensor, name, refuse(name))
         torch.Tensor.to = to  # type: ignore[method-assign]
+        dp_optimizer.CPU_FLAG_SHORTCUT = False  # run the device path (a CPU flag read is free, a GPU one is not)
         yield
     finally:
         for name, method in saved.items():
             setattr(torch.Tensor, name, method)
         torch.Tensor.to = original_to  # type: ignore[method-assign]
+        dp_optimizer.CPU_FLAG_SHORTCUT = shortcut
 
 
 def _setup(kind: str, mode: str, clipping: str, optimizer: str = "sgd") -> tuple[nn.Module, Any, Any, Any]:
@@ -369,3 +373,31 @@ def test_one_noise_std_is_decided_without_reading_a_device_std():
     assert _one_std([bound, bound, bound])
     with pytest.raises(TypeError, match="different device tensors"):
         _one_std([bound, torch.tensor(0.7)])
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_cpu_shortcut_for_clean_steps_changes_nothing(optimizer, monkeypatch):
+    """On the CPU a clean step skips the masking passes (a flag read there waits for nothing): the parameters
+    and the optimizer state after clean steps and a masked step are bitwise those of the device path."""
+    def run(shortcut: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        monkeypatch.setattr(dp_optimizer, "CPU_FLAG_SHORTCUT", shortcut)
+        model, opt, dl, loss_fn = _setup("mlp", "bk", "flat", optimizer)
+        batches = iter(dl)
+        for step in range(4):
+            x, y = next(batches)
+            if step == 3:  # the last: the sticky flag masks every later step until it is reported
+                x = x.clone()
+                x[0, 0] = float("nan")
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            before = [p.detach().clone() for p in model.parameters()]
+            opt.step()
+            assert all(torch.equal(a, p) for a, p in zip(before, model.parameters())) == (step == 3)
+        with pytest.raises(PerSampleGradientError, match="non-finite"):
+            opt.check_finite()
+        state = [v for s in opt.original_optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+        return [p.detach().clone() for p in model.parameters()], state
+
+    (p_fast, s_fast), (p_dev, s_dev) = run(True), run(False)
+    assert all(torch.equal(a, b) for a, b in zip(p_fast, p_dev)) and len(s_fast) == len(s_dev) > 0
+    assert all(torch.equal(a, b) for a, b in zip(s_fast, s_dev))
