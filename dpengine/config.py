@@ -32,6 +32,8 @@ CLIPPING_MODES = ["flat", "per_layer", "automatic", "adaptive", "error_feedback"
 ACTIVATIONS = ["relu", "tanh", "gelu"]
 _INPUT_WORDS = {"vector": "feature vectors", "image": "(C, H, W) images", "tokens": "integer token sequences"}
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+_DEVICE = re.compile(r"^(cpu|auto|cuda(:\d+)?)$")
+PRECISIONS = ["fp32", "bf16"]
 
 
 def _check_factory(key: str, spec: str | None) -> None:
@@ -124,6 +126,11 @@ class TrainingConfig:
     lr: float = 0.5
     momentum: float = 0.0
     seed: int = 0
+    #: "cpu", "cuda", "cuda:N", or "auto" (CUDA when torch sees a GPU, else the CPU)
+    device: str = "cpu"
+    #: "fp32", or "bf16": the forward and the loss under torch.autocast(dtype=torch.bfloat16), the standard
+    #: mixed-precision loop (parameters, norms, clipped sums and noise stay float32)
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         positive(epochs=self.epochs)
@@ -131,6 +138,9 @@ class TrainingConfig:
         positive(lr=self.lr)
         one_of(OPTIMIZERS, optimizer=self.optimizer)
         in_range(0.0, 0.999, momentum=self.momentum)
+        if not (isinstance(self.device, str) and _DEVICE.match(self.device)):
+            raise ValueError(f"Expected device={self.device!r} as 'cpu', 'cuda', 'cuda:N' or 'auto'.")
+        one_of(PRECISIONS, precision=self.precision)
 
 
 @dataclass(frozen=True)
@@ -168,6 +178,9 @@ class TrainConfig:
         if (self.model.kind == "lipschitz_mlp") != (self.privacy.clipping == "lipschitz"):
             raise ValueError("clipping = 'lipschitz' goes with model kind = 'lipschitz_mlp' (a network whose "
                              "per-sample gradients have analytic bounds), and that model with that clipping only.")
+        if self.privacy.clipping == "lipschitz" and self.training.precision != "fp32":
+            raise ValueError("clipping = 'lipschitz' needs training.precision = 'fp32': its analytic gradient "
+                             "bounds hold for exact float32 arithmetic, not bf16 rounding.")
         kind, dataset = self.model.kind, self.data.dataset
         if kind is not None and dataset is not None and MODEL_INPUT[kind] not in DATASET_INPUTS[dataset]:
             fits = [m for m, form in MODEL_INPUT.items() if form in DATASET_INPUTS[dataset]]

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
-from .config import CLIPPING_MODES, MODEL_INPUT, TrainConfig, load_config, packaged_config_path
+from .config import CLIPPING_MODES, MODEL_INPUT, PRECISIONS, TrainConfig, load_config, packaged_config_path
 
 #: keyword arguments dpengine offers a model factory (passed when its signature names them)
 MODEL_FACTORY_ARGS = ("input_shape", "num_classes", "vocab_size")
@@ -357,24 +357,55 @@ def _optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum)
 
 
+def resolve_device(spec: str) -> torch.device:
+    """``training.device`` as a torch device: "auto" is CUDA when torch sees a GPU, else the CPU.
+
+    Raises:
+        ConfigError: CUDA asked for where torch has none (a CPU build, or no GPU visible), or a GPU index
+            past the last one.
+    """
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"training.device = {spec!r}, but torch sees no CUDA device (a CPU build of torch, or "
+                              "no GPU visible); use device = 'cpu', or 'auto' to take a GPU only when there is one.")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"training.device = {spec!r}, but torch sees {torch.cuda.device_count()} GPU(s).")
+    return device
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The forward's precision context: bf16 autocast, or nothing for fp32."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 @torch.no_grad()
-def accuracy(model: nn.Module, ds: Dataset, batch_size: int = 1024) -> float:
+def accuracy(model: nn.Module, ds: Dataset, batch_size: int = 1024, device: torch.device | None = None,
+             precision: str = "fp32") -> float:
     """Top-1 accuracy of ``(batch, classes)`` logits against integer targets."""
+    device = device or torch.device("cpu")
     model.eval()
     correct = total = 0
     for x, y in DataLoader(ds, batch_size=batch_size):
-        correct += int((model(x).argmax(1) == y).sum())
+        x, y = x.to(device), y.to(device)
+        with autocast(device, precision):
+            out = model(x)
+        correct += int((out.argmax(1) == y).sum())
         total += len(y)
     model.train()
     return correct / total
 
 
 @torch.no_grad()
-def _probe(model: nn.Module, task: Task, where: str) -> None:
+def _probe(model: nn.Module, task: Task, where: str, device: torch.device) -> None:
     """One forward on two test samples before training: the output must be (batch, classes) logits."""
     x, y = next(iter(DataLoader(task.test, batch_size=2)))
     model.eval()
-    out = model(x)
+    out = model(x.to(device))
     model.train()
     if not (isinstance(out, Tensor) and out.ndim == 2 and out.shape[0] == len(y)):
         raise ConfigError(f"{where}: the model's output for a batch of {len(y)} is {_describe(out)}; dpengine "
@@ -411,13 +442,16 @@ def run(cfg: TrainConfig, private: bool = True, progress: bool = True,
 def _run(cfg: TrainConfig, private: bool, progress: bool) -> RunResult:
     from .engine import PrivacyEngine
 
+    device = resolve_device(cfg.training.device)
+    precision = cfg.training.precision
     torch.manual_seed(cfg.training.seed)
     task = load_data(cfg)
-    model = build_model(cfg, task)
+    model = build_model(cfg, task).to(device)
     _probe(model, task, f"model.factory = {cfg.model.factory!r}" if cfg.model.factory else
-           f"model kind = {cfg.model.kind!r}")
+           f"model kind = {cfg.model.kind!r}", device)
     optimizer = _optimizer(cfg, model)
-    loader = DataLoader(task.train, batch_size=cfg.training.batch_size, shuffle=True)
+    loader = DataLoader(task.train, batch_size=cfg.training.batch_size, shuffle=True,
+                        pin_memory=device.type == "cuda")
     engine = None
     p = cfg.privacy
     loss_fn = task.loss
@@ -445,15 +479,18 @@ def _run(cfg: TrainConfig, private: bool, progress: bool) -> RunResult:
                unit="epoch")
     for _ in bar:
         for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             optimizer.zero_grad()
-            loss_fn(model(x), y).backward()
+            with autocast(device, precision):
+                loss = loss_fn(model(x), y)
+            loss.backward()
             optimizer.step()
             steps += 1
         if engine is not None:
             bar.set_postfix(eps=f"{engine.get_epsilon(p.delta):.3f}")
     seconds = time.perf_counter() - start
     return RunResult(
-        private=private, test_accuracy=accuracy(model, task.test),
+        private=private, test_accuracy=accuracy(model, task.test, device=device, precision=precision),
         epsilon=engine.get_epsilon(p.delta) if engine else None, delta=p.delta if engine else None,
         noise_multiplier=optimizer.noise_multiplier if engine else None, steps=steps, seconds=seconds)
 
@@ -505,10 +542,14 @@ def _help() -> str:
 @click.option("--clipping", type=click.Choice(CLIPPING_MODES), default=None,
               help="Override the config's clipping mode (the mode's options come from the config's "
                    "[privacy.clipping_options] when it names the same mode, else the mode's defaults).")
+@click.option("--device", default=None, metavar="DEVICE",
+              help="Override training.device: cpu, cuda, cuda:N or auto (CUDA when torch sees a GPU).")
+@click.option("--precision", type=click.Choice(PRECISIONS), default=None,
+              help="Override training.precision (bf16: the forward under bf16 autocast).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def train(config: str | None, config_option: str | None, compare_nonprivate: bool, clipping: str | None,
-          as_json: bool, no_progress: bool) -> None:
+          device: str | None, precision: str | None, as_json: bool, no_progress: bool) -> None:
     if config is not None and config_option is not None:
         raise click.UsageError("Give the config once: as the CONFIG argument or with --config, not both.")
     config = config if config is not None else config_option
@@ -522,6 +563,13 @@ def train(config: str | None, config_option: str | None, compare_nonprivate: boo
             cfg = _with_clipping(cfg, clipping)
         except ValueError as e:
             raise click.ClickException(f"{source} with --clipping {clipping}: {e}") from None
+    overrides = {k: v for k, v in (("device", device), ("precision", precision)) if v is not None}
+    if overrides:
+        try:
+            cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, **overrides))
+        except ValueError as e:
+            flags = " ".join(f"--{k} {v}" for k, v in overrides.items())
+            raise click.ClickException(f"{source} with {flags}: {e}") from None
     search_path = [Path(config).parent] if config is not None and Path(config).is_file() else []
     torch.set_num_threads(min(2, torch.get_num_threads()))
     try:
