@@ -225,3 +225,45 @@ def test_reduction_runs_exact_float32_whatever_the_user_switched_on(setting, mod
     assert _precision_state() == before or before[0] is None and _precision_state()[1] == before[1]
     if setting != "default":
         assert reduced_fp32_math("cuda") + reduced_fp32_math("cpu")  # the user's setting is back in force
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run by benchmarks/gpu_check.sh)")
+@pytest.mark.parametrize("mode", ["ghost", "bk"])
+def test_cuda_norms_are_exact_float32_with_tf32_switched_on(mode, restore_fp32_switches, monkeypatch):
+    """On a GPU with TF32 switched on, each Linear's per-sample squared norms equal the float64 ones formed
+    from the very a and g the layer captured (to float32 rounding), while the same Gram product in TF32
+    is off by more than 1e-4 relative: the reduction ran exact float32."""
+    from dpengine.grad_sample import linear as linear_mod
+
+    torch.manual_seed(0)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    dev = torch.device("cuda")
+    model = nn.Sequential(nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 10)).to(dev)
+    x, y = torch.randn(32, 16, 64, device=dev), torch.randint(0, 10, (32, 16), device=dev)
+    seen = []
+    original = linear_mod._LinearLike.norm_sq
+
+    def spy(self, layer, rec, names, method, **kwargs):
+        a, g = rec.a.double(), rec.g.double()  # before a materialized norm releases them
+        out = original(self, layer, rec, names, method, **kwargs)
+        seen.append((a, g, sum(t.double() for t in out.values())))
+        return out
+
+    monkeypatch.setattr(linear_mod._LinearLike, "norm_sq", spy)
+    ctrl = GradSampleController(model, mode=GradSampleMode(mode), clip_factors=lambda n: (1.0 / n).clamp(max=1.0),
+                                loss_reduction=LossReduction.MEAN)
+    ctrl.note_batch(32)
+    F.cross_entropy(model(x).reshape(-1, 10), y.reshape(-1)).backward()
+    ctrl.pop_clipped_sums()
+    ctrl.detach()
+    assert len(seen) == 2
+    for a, g, got in seen:
+        exact = torch.einsum("btp,btd->bpd", g, a).square().sum((1, 2)) + g.sum(1).square().sum(1)
+        assert torch.allclose(got, exact, rtol=1e-5, atol=0), float(((got - exact) / exact).abs().max())
+    # the test has power: the same norms from Gram products formed in TF32 (on here, outside the reduction)
+    # miss the tolerance above
+    a, g, got = seen[0]
+    a32, g32 = a.float(), g.float()
+    tf32 = ((torch.bmm(a32, a32.transpose(1, 2)) + 1) * torch.bmm(g32, g32.transpose(1, 2))).sum((1, 2)).double()
+    assert float(((tf32 - got) / got).abs().max()) > 2e-5
