@@ -267,3 +267,21 @@ def test_cuda_norms_are_exact_float32_with_tf32_switched_on(mode, restore_fp32_s
     a32, g32 = a.float(), g.float()
     tf32 = ((torch.bmm(a32, a32.transpose(1, 2)) + 1) * torch.bmm(g32, g32.transpose(1, 2))).sum((1, 2)).double()
     assert float(((tf32 - got) / got).abs().max()) > 2e-5
+
+
+@pytest.mark.skipif(not hasattr(torch._C, "_get_fp32_precision_getter"), reason="torch < 2.9: legacy switches only")
+def test_overlapping_reductions_share_one_exact_setting(restore_fp32_switches):
+    """Two reductions in flight at once (threads): the second neither saves the first's exact setting as
+    the user's nor sees the user's TF32 restored before it ends; the last to end restores it."""
+    import contextlib
+
+    from dpengine.grad_sample.precision import exact_fp32, reduced_fp32_math
+
+    torch.set_float32_matmul_precision("high")
+    first, second = contextlib.ExitStack(), contextlib.ExitStack()
+    exact_fp32(first)
+    exact_fp32(second)
+    first.close()  # the first ends while the second still runs: still exact
+    assert reduced_fp32_math("cuda") == [] and torch._C._get_float32_matmul_precision() == "highest"
+    second.close()
+    assert torch._C._get_float32_matmul_precision() == "high" and reduced_fp32_math("cuda")

@@ -11,13 +11,15 @@ being exact float32 (Lipschitz training) can ask which switches are not (:func:`
 The switches are process-wide (torch has no thread-local override in Python), so they are set on entry and
 restored on exit, exactly: the per-(backend, op) values of torch >= 2.9's ``fp32_precision`` API and the
 legacy ``float32_matmul_precision``, which cuBLAS checks against the new value before every float32 GEMM
-(a mix raises there). Setting and restoring them costs about 4 microseconds.
+(a mix raises there). Setting and restoring them costs about 4 microseconds. Reductions running at the same
+time (threads) share one setting: the first sets it, the last restores the user's.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+import threading
+from typing import Any, Callable
 
 import torch
 
@@ -61,19 +63,48 @@ def reduced_fp32_math(device_type: str) -> list[str]:
     return [f"{b}.{o}={v}" for b, o in OPS if b == backend and (v := _effective(b, o)) in _REDUCED]
 
 
+#: reductions in flight (threads, or nested), and how to restore the user's switches when the last ends:
+#: a second thread must neither save the switches the first set nor see them restored mid-reduction
+_LOCK = threading.Lock()
+_DEPTH = 0
+_RESTORE: Callable[[], None] | None = None
+
+
 def exact_fp32(stack: contextlib.ExitStack) -> None:
-    """Switch every float32 product and convolution to exact float32 until ``stack`` closes (a no-op, and
-    nothing to restore, when they already are)."""
+    """Switch every float32 product and convolution to exact float32 until ``stack`` closes (the switches
+    are set by the first reduction in flight and restored when the last one ends)."""
+    global _DEPTH, _RESTORE
+    with _LOCK:
+        if _DEPTH == 0:
+            _RESTORE = _switch()
+        _DEPTH += 1
+    stack.callback(_leave)
+
+
+def _leave() -> None:
+    global _DEPTH, _RESTORE
+    with _LOCK:
+        _DEPTH -= 1
+        if _DEPTH == 0 and _RESTORE is not None:
+            restore, _RESTORE = _RESTORE, None
+            restore()
+
+
+def _switch() -> Callable[[], None] | None:
+    """Set every float32 switch to exact; returns what puts the user's back (None when all already were)."""
     if not _NEW_API:  # torch < 2.9: the two legacy CUDA switches
-        for module in (torch.backends.cuda.matmul, torch.backends.cudnn):
-            if module.allow_tf32:
-                module.allow_tf32 = False
-                stack.callback(setattr, module, "allow_tf32", True)
-        return
+        modules = [m for m in (torch.backends.cuda.matmul, torch.backends.cudnn) if m.allow_tf32]
+        for module in modules:
+            module.allow_tf32 = False
+
+        def restore_legacy() -> None:
+            for module in modules:
+                module.allow_tf32 = True
+        return restore_legacy if modules else None
     reduced = [k for k in OPS if _effective(*k) in _REDUCED]
     legacy = _legacy()
     if not reduced and legacy == "highest":
-        return
+        return None
     saved = {k: _C._get_fp32_precision_getter(*k) for k in OPS}
 
     def restore() -> None:
@@ -82,8 +113,8 @@ def exact_fp32(stack: contextlib.ExitStack) -> None:
         for k, value in saved.items():
             _C._set_fp32_precision_setter(*k, value)
 
-    stack.callback(restore)
     if legacy != "highest":
         _C._set_float32_matmul_precision("highest")  # legacy and both matmul values, consistently
     for k in reduced:
         _C._set_fp32_precision_setter(*k, "ieee")
+    return restore
