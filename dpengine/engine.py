@@ -256,7 +256,8 @@ class PrivacyEngine:
                                                 options["loss_lipschitz"], input_shape=options.get("input_shape"))
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         policy = LipschitzBounds({id(p): bounds[n] for n, p in named}, {id(p): p.numel() for _, p in named})
-        sums = lip.LipschitzSums(module, [p for _, p in named], mean_reduction=loss_reduction == LossReduction.MEAN.value)
+        sums = lip.LipschitzSums(module, [p for _, p in named], mean_reduction=loss_reduction == LossReduction.MEAN.value,
+                                 input_bound=options.get("input_bound", math.inf))
         lip.attach_projection(optimizer, module)  # after every check: a refused make_private attaches nothing
         return policy, sums
 

@@ -693,9 +693,11 @@ class LipschitzSums(BatchLedger):
     layers' constraints do not hold (``constraint_violations``).
     """
 
-    def __init__(self, module: nn.Module, params: list[nn.Parameter], *, mean_reduction: bool) -> None:
+    def __init__(self, module: nn.Module, params: list[nn.Parameter], *, mean_reduction: bool,
+                 input_bound: float = math.inf) -> None:
         super().__init__()
         self.module = module
+        self.input_bound = float(input_bound)
         self.params = params
         self.param_ids = frozenset(id(p) for p in params)
         self.mean_reduction = mean_reduction
@@ -707,6 +709,24 @@ class LipschitzSums(BatchLedger):
         self._handles = [module.register_forward_hook(self._on_output)]
         self._handles += [m.register_forward_pre_hook(_check_exact_fp32) for m in module.modules()
                           if isinstance(m, _ConstrainedLayer)]
+        if math.isfinite(self.input_bound):
+            self._handles.append(module.register_forward_pre_hook(self._check_input_bound))
+
+    def _check_input_bound(self, module: nn.Module, args: Any) -> None:
+        """The bounds rest on the user's ``input_bound``: a differentiated forward whose input has a sample
+        above it is refused (one norm per sample, read on the host; an ``InputNormClip`` first in the model
+        enforces a bound instead of trusting one)."""
+        if not torch.is_grad_enabled() or not args or not isinstance(args[0], Tensor) or args[0].dim() < 1:
+            return
+        x = args[0].detach()
+        if x.shape[0] == 0:
+            return
+        worst = float(torch.linalg.vector_norm(x.reshape(x.shape[0], -1).to(torch.float64), dim=1).max())
+        if not worst <= self.input_bound:
+            raise ValueError(f"clipping='lipschitz' was given input_bound={self.input_bound:g}, but a sample's input "
+                             f"has norm {worst:.6g}: the per-sample gradient bounds, and so the noise, hold only for "
+                             "inputs within it. Put dpengine.lipschitz.InputNormClip(max_norm) first in the model "
+                             "(it enforces the bound), or pass a bound every input satisfies.")
 
     def _on_output(self, module: nn.Module, args: Any, out: Any) -> None:
         if isinstance(out, Tensor) and out.requires_grad:

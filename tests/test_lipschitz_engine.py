@@ -153,3 +153,26 @@ def test_the_analytic_bound_needs_exact_float32_so_reduced_precision_is_refused(
         PrivacyEngine().make_private(module=half, optimizer=half_opt, data_loader=DataLoader(_data(), batch_size=4),
                                      noise_multiplier=1.0, clipping="lipschitz", loss_lipschitz=loss.lipschitz)
     assert not half_opt._optimizer_step_post_hooks and not half._forward_hooks  # refused: nothing attached
+
+
+def test_a_given_input_bound_is_checked_on_every_differentiated_forward():
+    """Without an InputNormClip the bounds rest on the user's input_bound: a batch with a sample above it is
+    refused before any gradient exists; inputs within it train; evaluation is not checked."""
+    torch.manual_seed(0)
+    model = nn.Sequential(SpectralLinear(6, 8, dtype=torch.float64), GroupSort(2), SpectralLinear(8, 3, dtype=torch.float64))
+    x = torch.randn(24, 6, dtype=torch.float64)
+    x = x / x.norm(dim=1, keepdim=True) * 0.9  # every input norm 0.9 <= 1
+    loss = TemperatureCrossEntropy(0.5)
+    model, opt, dl = PrivacyEngine(seed=0).make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(TensorDataset(x, torch.randint(0, 3, (24,))), batch_size=6), noise_multiplier=1.0,
+        clipping="lipschitz", loss_lipschitz=loss.lipschitz, input_bound=1.0)
+    xb, yb = next(b for b in dl if len(b[0]))
+    loss(model(xb), yb).backward()
+    opt.step()
+    big = xb.clone()
+    big[0] *= 2.0  # norm 1.8 > 1
+    with pytest.raises(ValueError, match="input_bound=1.*norm 1.8.*InputNormClip"):
+        model(big)
+    with torch.no_grad():
+        model(big)
