@@ -186,6 +186,14 @@ _USER_SETTINGS = {
 }
 
 
+def _token_ce(out, y):
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+
+def _clip_at_one(norms):
+    return (1.0 / norms).clamp(max=1.0)
+
+
 @pytest.mark.skipif(not hasattr(torch._C, "_get_fp32_precision_getter"), reason="torch < 2.9: legacy switches only")
 @pytest.mark.parametrize("setting", sorted(_USER_SETTINGS))
 @pytest.mark.parametrize("mode", MODES)
@@ -215,12 +223,7 @@ def test_reduction_runs_exact_float32_whatever_the_user_switched_on(setting, mod
 
     for name in ("per_sample", "norm_sq", "clipped_sum"):
         monkeypatch.setattr(linear_mod._LinearLike, name, spied(name))
-    ctrl = GradSampleController(model, mode=GradSampleMode(mode), clip_factors=lambda n: (1.0 / n).clamp(max=1.0),
-                                loss_reduction=LossReduction.MEAN)
-    ctrl.note_batch(5)
-    F.cross_entropy(model(x).reshape(-1, 3), y.reshape(-1)).backward()
-    ctrl.pop_clipped_sums()
-    ctrl.detach()
+    _run(model, _token_ce, x, y, mode, _clip_at_one, autocast=False)
     assert len(seen) >= 4 and all(s == ([], False, "highest") for s in seen), seen
     assert _precision_state() == before or before[0] is None and _precision_state()[1] == before[1]
     if setting != "default":
@@ -231,8 +234,8 @@ def test_reduction_runs_exact_float32_whatever_the_user_switched_on(setting, mod
 @pytest.mark.parametrize("mode", ["ghost", "bk"])
 def test_cuda_norms_are_exact_float32_with_tf32_switched_on(mode, restore_fp32_switches, monkeypatch):
     """On a GPU with TF32 switched on, each Linear's per-sample squared norms equal the float64 ones formed
-    from the very a and g the layer captured (to float32 rounding), while the same Gram product in TF32
-    is off by more than 1e-4 relative: the reduction ran exact float32."""
+    from the very a and g the layer captured (to float32 rounding), which norms from TF32 Gram products
+    miss: the reduction ran exact float32."""
     from dpengine.grad_sample import linear as linear_mod
 
     torch.manual_seed(0)
@@ -251,12 +254,7 @@ def test_cuda_norms_are_exact_float32_with_tf32_switched_on(mode, restore_fp32_s
         return out
 
     monkeypatch.setattr(linear_mod._LinearLike, "norm_sq", spy)
-    ctrl = GradSampleController(model, mode=GradSampleMode(mode), clip_factors=lambda n: (1.0 / n).clamp(max=1.0),
-                                loss_reduction=LossReduction.MEAN)
-    ctrl.note_batch(32)
-    F.cross_entropy(model(x).reshape(-1, 10), y.reshape(-1)).backward()
-    ctrl.pop_clipped_sums()
-    ctrl.detach()
+    _run(model, _token_ce, x, y, mode, _clip_at_one, autocast=False)
     assert len(seen) == 2
     for a, g, got in seen:
         exact = torch.einsum("btp,btd->bpd", g, a).square().sum((1, 2)) + g.sum(1).square().sum(1)
