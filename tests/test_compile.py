@@ -90,7 +90,7 @@ def _steps_match_oracle(name, mode, reduction, order, steps=2, fullgraph=False):
     return model
 
 
-@pytest.mark.parametrize("mode", ["hooks", "bk"])
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "bk", "fused"])
 def test_compiled_after_make_private_mlp(mode):
     _steps_match_oracle("mlp", mode, "mean", "after")
 
@@ -173,7 +173,8 @@ def test_graph_break_count_pinned_on_tinygpt(limit):
     assert e.graph_count == 1
 
 
-@pytest.mark.parametrize("name,mode", [("mlp", "hooks"), ("mlp", "bk"), ("gpt", "bk"), ("gpt", "hooks")])
+@pytest.mark.parametrize("name,mode", [("mlp", "hooks"), ("mlp", "bk"), ("mlp", "ghost"), ("mlp", "fused"), ("gpt", "bk"),
+                                       ("gpt", "hooks"), pytest.param("gpt", "fused", marks=pytest.mark.slow)])
 def test_fullgraph_private_step_matches_oracle(name, mode):
     # fullgraph=True: one graph break anywhere in the forward or in capture raises. TinyGPT: tied head,
     # padding_idx=0 (token 0 occurs), position embeddings; the captured a and g are the real run-time values
