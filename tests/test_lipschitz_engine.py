@@ -145,6 +145,7 @@ def test_the_analytic_bound_needs_exact_float32_so_reduced_precision_is_refused(
     with pytest.raises(RuntimeError, match="mkldnn.matmul=bf16.*highest"):
         model(x)
     torch.set_float32_matmul_precision("highest")
+    torch.backends.mkldnn.conv.fp32_precision = "bf16"  # only convolutions reduced: a Linear-only model is exact
     loss(model(x), y).backward()
     opt.step()  # exact float32: trains
     half = _net().to(torch.bfloat16)
@@ -176,3 +177,20 @@ def test_a_given_input_bound_is_checked_on_every_differentiated_forward():
         model(big)
     with torch.no_grad():
         model(big)
+
+
+def test_reduced_precision_is_judged_per_layer_kind(restore_fp32_switches):
+    """A constrained Linear cares about float32 products, a constrained Conv2d about convolutions: cuDNN's
+    default TF32 convolutions do not refuse a Lipschitz MLP on a GPU, and do refuse a conv layer."""
+    from dpengine.lipschitz import SpectralConv2d, _check_exact_fp32
+
+    conv, lin = SpectralConv2d(1, 2, 3), SpectralLinear(4, 4)
+    torch.backends.mkldnn.conv.fp32_precision = "bf16"
+    _check_exact_fp32(lin, (torch.randn(2, 4),))
+    with pytest.raises(RuntimeError, match="mkldnn.conv=bf16"):
+        _check_exact_fp32(conv, (torch.randn(2, 1, 5, 5),))
+    torch.backends.mkldnn.conv.fp32_precision = "ieee"
+    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+    _check_exact_fp32(conv, (torch.randn(2, 1, 5, 5),))
+    with pytest.raises(RuntimeError, match="mkldnn.matmul=bf16"):
+        _check_exact_fp32(lin, (torch.randn(2, 4),))

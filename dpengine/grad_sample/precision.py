@@ -50,17 +50,17 @@ def _legacy() -> str:
         return "medium" if _C._get_fp32_precision_getter("mkldnn", "matmul") == "bf16" else "high"
 
 
-def reduced_fp32_math(device_type: str) -> list[str]:
-    """The switches that let float32 products or convolutions on ``device_type`` ("cuda" or "cpu") run at
-    reduced precision, as ``"backend.op=value"`` strings (empty when all of them are exact)."""
+def reduced_fp32_math(device_type: str, ops: tuple[str, ...] = ("matmul", "conv")) -> list[str]:
+    """The switches that let float32 ``ops`` (products, convolutions) on ``device_type`` ("cuda" or "cpu") run
+    at reduced precision, as ``"backend.op=value"`` strings (empty when all of them are exact)."""
     backend = "cuda" if device_type == "cuda" else "mkldnn"
     if not _NEW_API:
         if backend != "cuda":
             return []
-        flags = [("cuda.matmul.allow_tf32", torch.backends.cuda.matmul.allow_tf32),
-                 ("cudnn.allow_tf32", torch.backends.cudnn.allow_tf32)]
-        return [f"{name}=True" for name, on in flags if on]
-    return [f"{b}.{o}={v}" for b, o in OPS if b == backend and (v := _effective(b, o)) in _REDUCED]
+        flags = [("cuda.matmul.allow_tf32", "matmul", torch.backends.cuda.matmul.allow_tf32),
+                 ("cudnn.allow_tf32", "conv", torch.backends.cudnn.allow_tf32)]
+        return [f"{name}=True" for name, op, on in flags if on and op in ops]
+    return [f"{b}.{o}={v}" for b, o in OPS if b == backend and o in ops and (v := _effective(b, o)) in _REDUCED]
 
 
 #: reductions in flight (threads, or nested), and how to restore the user's switches when the last ends:
