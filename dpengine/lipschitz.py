@@ -710,15 +710,20 @@ class LipschitzSums(BatchLedger):
         self._handles += [m.register_forward_pre_hook(_check_exact_fp32) for m in module.modules()
                           if isinstance(m, _ConstrainedLayer)]
         if math.isfinite(self.input_bound):
-            self._handles.append(module.register_forward_pre_hook(self._check_input_bound))
+            self._handles.append(module.register_forward_pre_hook(self._check_input_bound, with_kwargs=True))
 
-    def _check_input_bound(self, module: nn.Module, args: Any) -> None:
+    def _check_input_bound(self, module: nn.Module, args: Any, kwargs: dict) -> None:
         """The bounds rest on the user's ``input_bound``: a differentiated forward whose input has a sample
         above it is refused (one norm per sample, read on the host; an ``InputNormClip`` first in the model
-        enforces a bound instead of trusting one)."""
-        if not torch.is_grad_enabled() or not args or not isinstance(args[0], Tensor) or args[0].dim() < 1:
+        enforces a bound instead of trusting one), and so is one whose input cannot be found."""
+        if not torch.is_grad_enabled():
             return
-        x = args[0].detach()
+        x = args[0] if args else kwargs.get("input")
+        if not isinstance(x, Tensor) or x.dim() < 1:
+            raise ValueError(f"clipping='lipschitz' with input_bound={self.input_bound:g} checks each sample's input "
+                             "norm, but this forward's input is not a batched tensor (positional, or input=); call "
+                             "model(x) with x of shape (batch, ...).")
+        x = x.detach()
         if x.shape[0] == 0:
             return
         worst = float(torch.linalg.vector_norm(x.reshape(x.shape[0], -1).to(torch.float64), dim=1).max())

@@ -175,6 +175,8 @@ def test_a_given_input_bound_is_checked_on_every_differentiated_forward():
     big[0] *= 2.0  # norm 1.8 > 1
     with pytest.raises(ValueError, match="input_bound=1.*norm 1.8.*InputNormClip"):
         model(big)
+    with pytest.raises(ValueError, match="input_bound=1.*norm 1.8"):
+        model(input=big)  # by keyword: found all the same
     with torch.no_grad():
         model(big)
 
