@@ -55,6 +55,18 @@ def _clean_on_cpu(bad: torch.Tensor, tensors: list[torch.Tensor]) -> bool:
         and not bool(bad)
 
 
+#: torch optimizers whose fused implementation skips the whole update, parameters and state, on the device
+#: where ``optimizer.found_inf`` is 1 (the flag GradScaler hands them); checked: SGD with momentum, Adam, AdamW
+_FUSED_SKIP = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
+
+
+def _fused_skip_flag(opt: Optimizer) -> bool:
+    """Whether a masked step can be left to ``opt`` itself: a fused SGD/Adam/AdamW given ``found_inf`` skips
+    the update in its kernel, on the device (no copy of the parameters, no lerp, and its state does not
+    advance either)."""
+    return type(opt) in _FUSED_SKIP and bool(opt.param_groups) and all(g.get("fused") for g in opt.param_groups)
+
+
 def _one_std(stds: list[Any]) -> bool:
     """Whether every parameter gets the same noise std. Device-tensor stds (adaptive clipping's bound) are
     compared by identity: comparing their values would read them to the host, a sync every step."""
@@ -503,14 +515,19 @@ class DPOptimizer(Optimizer):
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
         self.steps_taken += 1
         self._inner_step = True
+        skip_flag = _fused_skip_flag(self.original_optimizer)
         try:
             with torch.no_grad():  # a masked step leaves the parameters exactly as they were (lerp weight 1)
-                kept = [] if _clean_on_cpu(bad, self.params) else self._masked_update_start()
+                kept = [] if skip_flag or _clean_on_cpu(bad, self.params) else self._masked_update_start()
+            if skip_flag:
+                self.original_optimizer.found_inf = bad.to(torch.float32)  # type: ignore[attr-defined]
             self.original_optimizer.step()
             with torch.no_grad():
                 self._masked_update_end(kept, bad)
         finally:
             self._inner_step = False
+            if skip_flag:
+                del self.original_optimizer.found_inf  # type: ignore[attr-defined]
         self._note_nonfinite_on_host(bad)
         return loss
 

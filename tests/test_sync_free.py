@@ -39,7 +39,9 @@ def _is_cpu(device: Any) -> bool:
 
 
 @contextlib.contextmanager
-def no_host_reads() -> Iterator[None]:
+def no_host_reads(allow_to_cpu: bool = False) -> Iterator[None]:
+    """Make every host read of a tensor raise; ``allow_to_cpu`` lets ``Tensor.to(cpu)`` through (torch's
+    fused optimizers move their flag ``.to(param.device)``, a no-op on the CPU and no host read on a GPU)."""
     saved = {name: getattr(torch.Tensor, name) for name in SYNC_METHODS}
     original_to = torch.Tensor.to
 
@@ -49,7 +51,7 @@ def no_host_reads() -> Iterator[None]:
         return method
 
     def to(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        if _is_cpu(kwargs.get("device")) or (args and _is_cpu(args[0])):
+        if not allow_to_cpu and (_is_cpu(kwargs.get("device")) or (args and _is_cpu(args[0]))):
             raise AssertionError("host read of a device value: Tensor.to(cpu)")
         return original_to(self, *args, **kwargs)
 
@@ -77,8 +79,9 @@ def _setup(kind: str, mode: str, clipping: str, optimizer: str = "sgd") -> tuple
         model = TinyGPT(padding_idx=None, tie=False)
         ds = TensorDataset(torch.randint(0, 11, (32, 6)), torch.randint(0, 11, (32, 6)))
         loss_fn = seq_ce("mean")
-    opt = (torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01) if optimizer == "sgd"
-           else torch.optim.Adam(model.parameters(), lr=0.01))
+    fused = {"fused": True} if optimizer.endswith("-fused") else {}
+    opt = (torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01, **fused)
+           if optimizer.startswith("sgd") else torch.optim.Adam(model.parameters(), lr=0.01, **fused))
     model, dpopt, dl = PrivacyEngine(seed=0).make_private(
         module=model, optimizer=opt, data_loader=DataLoader(ds, batch_size=8), noise_multiplier=1.0,
         max_grad_norm=1.0, clipping=clipping, grad_sample_mode=mode, **CLIPPINGS[clipping])
@@ -327,20 +330,24 @@ def test_nonfinite_flag_sees_every_nan_and_inf(dtype):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run by benchmarks/gpu_check.sh)")
-@pytest.mark.parametrize("mode", ["hooks", "ghost", "bk", "fused"])
-@pytest.mark.parametrize("clipping", ["flat", "per_layer", "adaptive"])
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_cuda_step_never_synchronizes(mode, clipping, precision):
+@pytest.mark.parametrize("mode,clipping,precision,optimizer", [
+    *((m, c, p, "sgd") for m in ("hooks", "ghost", "bk", "fused") for c in ("flat", "per_layer", "adaptive")
+      for p in ("fp32", "bf16")),
+    ("bk", "flat", "fp32", "adam-fused"), ("bk", "flat", "bf16", "adam-fused")])
+def test_cuda_step_never_synchronizes(mode, clipping, precision, optimizer):
     """On a GPU, steady-state backward() + step() make no host-device synchronization: CUDA's own sync
-    detector (torch.cuda.set_sync_debug_mode("error")) raises on any blocking copy or stream sync."""
+    detector (torch.cuda.set_sync_debug_mode("error")) raises on any blocking copy or stream sync. A fused
+    Adam masks through its own ``found_inf``."""
     if mode == "fused":
         from conftest import require_triton
         require_triton()
     torch.manual_seed(0)
     model = TinyGPT(padding_idx=0, tie=True).cuda()
     ds = TensorDataset(torch.randint(0, 11, (64, 6)), torch.randint(0, 11, (64, 6)))
+    inner = (torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9) if optimizer == "sgd"
+             else torch.optim.Adam(model.parameters(), lr=0.01, fused=True))
     model, opt, dl = PrivacyEngine(seed=0).make_private(
-        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+        module=model, optimizer=inner,
         data_loader=DataLoader(ds, batch_size=16), noise_multiplier=1.0, max_grad_norm=1.0, clipping=clipping,
         grad_sample_mode=mode, **CLIPPINGS[clipping])
     loss_fn = seq_ce("mean")
@@ -401,3 +408,37 @@ def test_cpu_shortcut_for_clean_steps_changes_nothing(optimizer, monkeypatch):
     (p_fast, s_fast), (p_dev, s_dev) = run(True), run(False)
     assert all(torch.equal(a, b) for a, b in zip(p_fast, p_dev)) and len(s_fast) == len(s_dev) > 0
     assert all(torch.equal(a, b) for a, b in zip(s_fast, s_dev))
+
+
+@pytest.mark.parametrize("optimizer", ["sgd-fused", "adam-fused"])
+def test_fused_optimizer_skips_a_masked_step_itself(optimizer, monkeypatch):
+    """A fused SGD/Adam gets the step's flag as ``found_inf`` and skips the update in its kernel: no copy of
+    the parameters (the copy-and-lerp path is never entered), no host read, and on a masked step neither the
+    parameters nor the optimizer state change; clean steps train."""
+    model, opt, dl, loss_fn = _setup("mlp", "bk", "flat", optimizer)
+
+    def no_copy(*args, **kwargs):
+        raise AssertionError("the copy-and-lerp masking ran for a fused optimizer")
+
+    monkeypatch.setattr(type(opt), "_masked_update_start", no_copy)
+    batches = iter(dl)
+    for step in range(3):
+        x, y = next(batches)
+        if step == 2:
+            x = x.clone()
+            x[0, 0] = float("nan")
+        params = [p.detach().clone() for p in model.parameters()]
+        state = [v.clone() for s in opt.original_optimizer.state.values() for v in s.values()
+                 if isinstance(v, torch.Tensor)]
+        with no_host_reads(allow_to_cpu=True) if step else contextlib.nullcontext():  # step 0 sets up host buffers
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
+        after = [v for s in opt.original_optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+        unchanged = all(torch.equal(a, p) for a, p in zip(params, model.parameters()))
+        assert unchanged == (step == 2)
+        if step == 2:
+            assert len(state) == len(after) > 0 and all(torch.equal(a, b) for a, b in zip(state, after))
+        assert not hasattr(opt.original_optimizer, "found_inf")  # handed over for the step only
+    with pytest.raises(PerSampleGradientError, match="non-finite"):
+        opt.check_finite()
