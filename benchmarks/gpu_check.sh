@@ -118,7 +118,7 @@ fi
 # (one autotune config: few compilations), first; then the mixed-precision and engine tests.
 guard 100 kernel_tests env DPENGINE_TRITON_AUTOTUNE=0 "$PY" -m pytest -q -x -p no:cacheprovider -rs \
     tests/test_kernels.py tests/test_fused_backend.py
-guard 60 tests "$PY" -m pytest -q -x -p no:cacheprovider tests/test_mixed_precision.py tests/test_engine.py
+guard 60 tests "$PY" -m pytest -q -x -p no:cacheprovider tests/test_mixed_precision.py tests/test_loss_scale.py tests/test_engine.py
 # no host-device synchronization in a steady-state step: CUDA's sync detector, every mode, fp32 and bf16
 guard 60 sync_tests "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_sync_free.py -k cuda
 # dpengine train on the GPU in bf16 (the packaged default job, digits MLP; one JSON line into the log)

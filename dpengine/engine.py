@@ -19,7 +19,8 @@ from ._validate import non_negative, one_of
 from .clipping import ClippingMode, ClippingPolicy, LipschitzBounds, amplified, make_policy
 from . import distributed
 from .data import DPDataLoader
-from .grad_sample.controller import GradSampleController, GradSampleMode, LossReduction, trainable_layers
+from .grad_sample.controller import (GradSampleController, GradSampleMode, LossReduction, check_loss_scale,
+                                      trainable_layers)
 from .noise import GaussianNoise
 from .optimizer import DPOptimizer
 from .validation import UnsupportedModuleError, validate
@@ -94,6 +95,7 @@ class PrivacyEngine:
         poisson_sampling: bool = True,
         loss_reduction: str = "mean",
         epsilon_budget: tuple[float, float] | None = None,
+        loss_scale: float = 1.0,
         **clipping_options: Any,
     ) -> tuple[nn.Module, DPOptimizer, DataLoader]:
         """Attach per-sample clipping, noise and accounting. Always returns ``(module, optimizer, data_loader)``.
@@ -159,7 +161,7 @@ class PrivacyEngine:
                 "max_grad_norm": repr(max_grad_norm), "clipping": clipping, "grad_sample_mode": grad_sample_mode,
                 "clipping_options": {k: v if isinstance(v, (int, float, str, bool, type(None))) else type(v).__name__
                                      for k, v in sorted(clipping_options.items())},
-                "loss_reduction": loss_reduction, "poisson_sampling": poisson_sampling,
+                "loss_reduction": loss_reduction, "poisson_sampling": poisson_sampling, "loss_scale": loss_scale,
                 "secure_mode": self.secure_mode, "accountant": self.accountant_name,
                 "epsilon_budget": epsilon_budget, "ddp": module is not user_module})
         if module in _PRIVATE_MODULES:
@@ -167,6 +169,9 @@ class PrivacyEngine:
                                "a second engine would stack another set of hooks. Use the first engine's "
                                "optimizer and loader, or call that engine's detach() first.")
         lipschitz = clipping == ClippingMode.LIPSCHITZ.value
+        check_loss_scale(loss_scale)
+        if lipschitz and loss_scale != 1:
+            raise ValueError("clipping='lipschitz' needs exact float32 arithmetic (no fp16), so it takes no loss_scale.")
         if lipschitz:
             from . import lipschitz as lip
 
@@ -208,7 +213,7 @@ class PrivacyEngine:
             policy = self._policy(module, clipping, max_grad_norm, expected_batch_size, clipping_options)
             self.controller = GradSampleController(
                 module, mode=GradSampleMode(grad_sample_mode), policy=policy,
-                loss_reduction=LossReduction(loss_reduction))
+                loss_reduction=LossReduction(loss_reduction), loss_scale=loss_scale)
         policy.grad_noise_multiplier(noise_multiplier)  # refuses a setting that cannot be split (adaptive)
         if not policy.amplified:  # see the policy's docstring: each step accounted at sample rate 1
             sample_rate = 1.0

@@ -449,6 +449,7 @@ class DPOptimizer(Optimizer):
             return
         self._nonfinite = None
         self._flag_view[()] = False
+        scale = getattr(self.controller, "loss_scale", 1.0)
         self.controller.clear()
         for p in self.params:
             p.grad = None
@@ -457,7 +458,9 @@ class DPOptimizer(Optimizer):
             "(counting from 1); that step, and any step taken after it before this error, was not applied: the "
             "parameters are as they were before it (the wrapped optimizer's state, e.g. momentum, advanced as "
             "for a zero gradient, and the accountant counts those steps). Check the loss and inputs (lower the "
-            "learning rate, or clamp logits); to go on, catch this error and continue, or load a checkpoint.")
+            "learning rate, or clamp logits" + (f"; with loss_scale={scale:g}, an fp16 gradient may have overflowed: "
+                                               "lower loss_scale" if scale != 1 else "") +
+            "); to go on, catch this error and continue, or load a checkpoint.")
 
     def check_finite(self) -> None:
         """Wait for the last step's non-finite flag and raise ``PerSampleGradientError`` if any step since
@@ -472,10 +475,11 @@ class DPOptimizer(Optimizer):
         if grad_scaler is not None:
             self.controller.clear()
             raise NotImplementedError(
-                "fp16 with torch.amp.GradScaler is not supported yet: the loss scale multiplies every per-sample "
-                "gradient, so the clipping threshold would apply to scaled gradients, and an overflow would be "
-                "data-dependent. Use bf16 autocast (torch.autocast(device, dtype=torch.bfloat16)), which needs no "
-                "scaler: dpengine forms norms and clipped sums in float32.")
+                "torch.amp.GradScaler cannot be used with DP-SGD: its scale and its skipped steps are driven by "
+                "single records (a step skipped because one sample's gradient overflowed reveals that sample). For "
+                "fp16 pass a fixed loss_scale=2**k to make_private (dpengine applies it where gradients enter the "
+                "model and divides it out before clipping) and keep loss.backward(); optimizer.step(). Or use bf16 "
+                "autocast (torch.autocast(device, dtype=torch.bfloat16)), which needs no scale.")
         if self.detached:
             raise RuntimeError(
                 "This private optimizer was detached (PrivacyEngine.detach() removed the per-sample capture), so "

@@ -120,7 +120,7 @@ def test_fp16_grad_scaler_is_refused_with_a_clear_error():
     before = [p.detach().clone() for p in model.parameters()]
     x, y = next(iter(dl))
     scaler.scale(F.cross_entropy(model(x), y)).backward()
-    with pytest.raises(NotImplementedError, match="bf16 autocast"):
+    with pytest.raises(NotImplementedError, match="skipped steps are driven by single records.*loss_scale=2"):
         scaler.step(opt)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 

@@ -62,7 +62,8 @@ NOT_IMPLEMENTED = "skipped: {mode} is not implemented in this dpengine yet"
 FUSED_NEEDS_CUDA = "skipped: fused needs CUDA"
 OPACUS_MISSING = "skipped: opacus is not installed"
 # fp32: TF32 matrix units off; tf32: on (CUDA; the same as fp32 on CPU); bf16 / fp16: torch.autocast of the
-# forward and the loss in that dtype, parameters and optimizer in float32; fp16 adds torch.amp.GradScaler.
+# forward and the loss in that dtype, parameters and optimizer in float32; fp16 adds torch.amp.GradScaler for the
+# non-private baseline and make_private(loss_scale=FP16_LOSS_SCALE) for dpengine.
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 TF32_ON_CPU = "tf32 = fp32 on CPU: no TF32 matrix units"
 #: "eager": not compiled; otherwise the ``torch.compile`` mode ("default" is mode=None)
@@ -70,24 +71,26 @@ COMPILE_MODES = ("eager", "default", "reduce-overhead")
 REDUCE_OVERHEAD_NEEDS_CUDA = ("not supported: compile=reduce-overhead on {device}: CUDA graphs need a CUDA device "
                               "(on {device} torch.compile would run it as mode 'default', which the compile=default "
                               "rows measure)")
-_NO_GRAD_SCALER = {
-    "dpengine": "dpengine clips per-sample gradients inside backward and writes p.grad only in optimizer.step, so "
-                "torch.amp.GradScaler could neither unscale them before clipping nor check them for inf/NaN (the "
-                "clipping bound would apply to scaled gradients); use bf16",
-    "opacus": "Opacus clips p.grad_sample in optimizer.step, which GradScaler.unscale_ does not unscale, so the "
-              "clipping bound would apply to scaled per-sample gradients; use bf16",
-}
+_NO_GRAD_SCALER = ("Opacus clips p.grad_sample in optimizer.step, which GradScaler.unscale_ does not unscale, so the "
+                   "clipping bound would apply to scaled per-sample gradients; use bf16")
+#: dpengine's fp16 rows: make_private(loss_scale=...) (a fixed scale; a GradScaler is refused) instead of a scaler
+FP16_LOSS_SCALE = 2.0 ** 12
 
 
 def unsupported(mode: str, precision: str) -> str | None:
-    mode = split_mode(mode)[0]
-    """Why ``mode`` cannot run at ``precision`` (a row status), or None. Only fp16 is restricted: it needs
-    a GradScaler, and no private mode can clip correctly under one yet."""
+    """Why ``mode`` cannot run at ``precision`` (a row status), or None. Only fp16 is restricted: the
+    non-private baseline runs the standard GradScaler loop, dpengine its fixed ``loss_scale`` (not with
+    fused), and Opacus cannot clip correctly under a GradScaler."""
+    backend = split_mode(mode)[0]
     if precision not in PRECISIONS:
         return f"not supported: unknown precision {precision!r}"
-    if precision != "fp16" or mode == "nonprivate":
+    if precision != "fp16" or backend == "nonprivate":
         return None
-    return "not supported: fp16 + GradScaler: " + _NO_GRAD_SCALER["opacus" if mode in OPACUS_MODES else "dpengine"]
+    if backend in OPACUS_MODES:
+        return "not supported: fp16 + GradScaler: " + _NO_GRAD_SCALER
+    if backend == "fused":
+        return "not supported: fp16 loss_scale with fused (its kernels clip what they read); use bk or bf16"
+    return None
 
 
 def compile_unsupported(compile_mode: str, device: str) -> str | None:
@@ -290,10 +293,12 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
 
         clipping = clipping or cfg.get("clipping", "flat")
         engine = PrivacyEngine(seed=int(cfg.get("seed", 0)))
+        fp16 = {"loss_scale": FP16_LOSS_SCALE} if precision == "fp16" else {}
+        scaler = None  # dpengine scales the backward itself (a GradScaler's dynamic scale is refused)
         model, optimizer, _ = engine.make_private(
             module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma, max_grad_norm=clip,
             clipping=clipping, grad_sample_mode=backend, poisson_sampling=True, loss_reduction="mean",
-            **default_clipping_options(clipping, batch))
+            **fp16, **default_clipping_options(clipping, batch))
     elif mode == "opacus-hooks":
         from opacus import PrivacyEngine as OpacusEngine
 

@@ -23,6 +23,7 @@ import contextlib
 import enum
 import inspect
 import itertools
+import math
 import threading
 import warnings
 import weakref
@@ -380,6 +381,36 @@ def _lazy(make: Callable[[], Tensor]) -> Callable[[], Tensor]:
     return get
 
 
+def check_loss_scale(loss_scale: float) -> None:
+    """A loss scale is a power of two >= 1, so dividing by it is exact."""
+    ok = isinstance(loss_scale, (int, float)) and not isinstance(loss_scale, bool) and math.isfinite(loss_scale) \
+        and loss_scale >= 1 and math.frexp(loss_scale)[0] == 0.5
+    if not ok:
+        raise ValueError(f"Expected loss_scale={loss_scale!r} as a power of two >= 1 (e.g. 2**8), so that dividing "
+                         "norms and sums by it is exact.")
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity on a model output (16-bit outputs come back as float32) whose backward multiplies the incoming
+    gradient by the controller's loss scale (fp16: gradients that would underflow in the backward keep their
+    bits). Why privacy does not
+    depend on the scale having been applied: the reduction clips each captured per-sample vector v_i at C
+    after dividing its norm by S, and divides the sum by S, so each released contribution is
+    c_i v_i / S with norm min(|v_i| / S, C) <= C whatever v_i is (docs/DESIGN.md)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, ctl: "GradSampleController") -> Tensor:
+        ctx.ctl, ctx.dtype = ctl, x.dtype
+        # a 16-bit output is returned in float32: the gradient arriving here is then formed in float32 and
+        # scaled before it is rounded to 16 bits (scaled after, it would already have underflowed)
+        return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None]:
+        ctx.ctl._scaled_task = torch._C._current_graph_task_id()
+        return (g * ctx.ctl.loss_scale).to(ctx.dtype), None
+
+
 class _OneGroup(ClippingPolicy):
     """A bare factor function as a one-group policy (tests and tools that bring their own factors)."""
 
@@ -470,12 +501,21 @@ class GradSampleController(BatchLedger):
         loss_reduction: LossReduction,
         policy: ClippingPolicy | None = None,
         clip_factors: Callable[[Tensor], Tensor] | None = None,
+        loss_scale: float = 1.0,
     ) -> None:
         """``policy`` groups the parameters and turns per-group norms into factors; ``clip_factors`` is a
-        shorthand for one group: (B,) norms -> (B,) factors."""
+        shorthand for one group: (B,) norms -> (B,) factors. ``loss_scale`` (a power of two, for fp16):
+        gradients entering the model through its outputs are multiplied by it, and norms and sums are
+        divided by it again (see ``_ScaleGrad``)."""
         super().__init__()
+        check_loss_scale(loss_scale)
+        if loss_scale != 1.0 and mode is GradSampleMode.FUSED:
+            raise ValueError("loss_scale is not supported with grad_sample_mode='fused' (its kernels clip the "
+                             "gradient they read); use grad_sample_mode='bk', or bf16 autocast, which needs no scale.")
         self.module = module
         self.mode = mode
+        self.loss_scale = float(loss_scale)
+        self._scaled_task: int | None = None  # the graph task whose backward last passed a scaled output
         if (policy is None) == (clip_factors is None):
             raise ValueError("give exactly one of policy= and clip_factors=")
         self.policy = policy if policy is not None else _OneGroup(clip_factors)  # type: ignore[arg-type]
@@ -524,6 +564,8 @@ class GradSampleController(BatchLedger):
         weakref.finalize(self, _CONTROLLERS.pop, self._ctl_key, None)
         self._inflight: dict[int, tuple[TrackedLayer, Record]] = {}
         self._handles = [module.register_forward_pre_hook(self._root_pre_hook)]
+        if self.loss_scale != 1.0:
+            self._handles.append(module.register_forward_hook(self._scale_outputs))
         for index, tl in enumerate(self.layers):
             self._handles.append(tl.module.register_forward_pre_hook(self._make_pre_hook(tl)))
             self._handles.append(
@@ -545,6 +587,25 @@ class GradSampleController(BatchLedger):
         return out
 
     # ----------------------------------------------------------------------------------- capture
+    def _scale_outputs(self, module: nn.Module, args: tuple, out: Any) -> Any:
+        """With a loss scale, every tensor the model returns multiplies its incoming gradient by it."""
+        if not (torch.is_grad_enabled() and _capture_on()):
+            return None
+        if torch.compiler.is_compiling():
+            raise PerSampleGradientError("loss_scale is not supported under torch.compile; use bf16 autocast "
+                                         "(no loss scale needed) or run the model eagerly.")
+        return torch.utils._pytree.tree_map_only(
+            Tensor, lambda t: _ScaleGrad.apply(t, self) if t.requires_grad else t, out)
+
+    def _check_scaled(self, task: int | None) -> None:
+        """A training backward with a loss scale must have passed through the model's scaled outputs."""
+        if self.loss_scale != 1.0 and (task is None or self._scaled_task != task):
+            raise PerSampleGradientError(
+                f"loss_scale={self.loss_scale:g} multiplies the gradient where it enters the model, at the tensors "
+                "the model returns, but this backward reached the model's layers without passing through them "
+                "(a loss on an intermediate tensor, or an output type dpengine cannot look into: tensors, tuples, "
+                "lists and dicts are). Compute the loss from the model's outputs, or drop loss_scale.")
+
     def _root_pre_hook(self, module: nn.Module, args: tuple) -> None:
         if torch.is_grad_enabled() and _capture_on():
             self._anchored = False  # the first layer call of this forward carries the anchor
@@ -783,7 +844,7 @@ class GradSampleController(BatchLedger):
                 "memory here.", stacklevel=4)
 
     def _reduce_pending(self) -> None:
-        pending, full = self._pending, self._pending_full
+        pending, full, task = self._pending, self._pending_full, self._queued_for
         self._pending, self._queued_for, self._pending_full = [], None, None
         self._calls = {}
         if not pending and not self._staged_sizes:
@@ -794,6 +855,7 @@ class GradSampleController(BatchLedger):
             self.skipped_backwards += 1
             self._clear_staged()
             return
+        self._check_scaled(task)
         with _reducing():
             self._reduce(pending)
 
@@ -860,6 +922,7 @@ class GradSampleController(BatchLedger):
         gradient are freed at once (peak memory: one layer's buffers). The sums are staged until the end
         of the backward, which checks the batch and commits them (or drops them for autograd.grad)."""
         self.early_reductions += 1
+        self._check_scaled(torch._C._current_graph_task_id())
         with _reducing():
             self._check_record(tl, rec)
             b = rec.g.shape[0]
@@ -964,16 +1027,18 @@ class GradSampleController(BatchLedger):
             for n, t in tl.handler.norm_sq(tl.module, rec, names, self._method(tl, rec), **kw).items():
                 terms[ks.pop() if n == JOINT else group(tl.params[tl.names.index(n)])].append(t)
         sq = torch.stack([_total(ts, batch, work, ref.device) for ts in terms])  # (K, B)
+        if self.loss_scale != 1.0:  # g was S times the gradient: S^-2 (exact, a power of two) in the norms,
+            sq = sq * (self.loss_scale ** -2)  # S^-1 in the factors below
 
         norms = sq.sqrt() * scale  # (K, B)
         # a non-finite norm is flagged on the device, never read here (a host sync): the optimizer makes the
         # step a no-op on the device and raises at the next step()/zero_grad() (docs/DESIGN.md)
         # (K, B): factor per group and sample, times the mean-reduction scale and the output scale (1 / expected
         # batch size for a mean-reduced loss), so no pass over the summed gradients is needed later
-        c = self.policy.factors(norms) * (scale * self.output_scale)
+        c = self.policy.factors(norms) * (scale * self.output_scale / self.loss_scale)
         self._weighted_sums(direct, materialized, c, into)
         if self.policy.needs_unclipped:  # one more weighted GEMM from the same captured tensors
-            ones = torch.full_like(c, scale * self.output_scale)
+            ones = torch.full_like(c, scale * self.output_scale / self.loss_scale)
             self._weighted_sums(direct, materialized, ones, into_unclipped)
         return sq
 
