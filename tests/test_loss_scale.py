@@ -42,14 +42,20 @@ def _token_ce(out, y):
     return F.cross_entropy(out.reshape(-1, out.shape[-1]).float(), y.reshape(-1))
 
 
+def _single_linear() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Linear(6, 3)  # the model is itself a tracked layer: tapped first, then scaled
+
+
+@pytest.mark.parametrize("build", [_model, _single_linear], ids=["mlp", "bare-linear"])
 @pytest.mark.parametrize("clipping", sorted(CLIPPINGS))
 @pytest.mark.parametrize("mode", ["hooks", "ghost", "bk"])
-def test_the_scale_is_divided_out_exactly(mode, clipping):
+def test_the_scale_is_divided_out_exactly(mode, clipping, build):
     """In float32 a power-of-two scale changes no bit: norms, clipped (and unclipped) sums and the update are
     those of the unscaled run, in every backend and clipping mode (per_layer takes the early path)."""
     runs = []
     for scale in (1.0, 2.0 ** 10):
-        model, opt, dl = _private(_model(), scale, mode, clipping)
+        model, opt, dl = _private(build(), scale, mode, clipping)
         for x, y in dl:
             opt.zero_grad()
             _token_ce(model(x), y).backward()

@@ -564,12 +564,12 @@ class GradSampleController(BatchLedger):
         weakref.finalize(self, _CONTROLLERS.pop, self._ctl_key, None)
         self._inflight: dict[int, tuple[TrackedLayer, Record]] = {}
         self._handles = [module.register_forward_pre_hook(self._root_pre_hook)]
-        if self.loss_scale != 1.0:
-            self._handles.append(module.register_forward_hook(self._scale_outputs))
         for index, tl in enumerate(self.layers):
             self._handles.append(tl.module.register_forward_pre_hook(self._make_pre_hook(tl)))
             self._handles.append(
                 tl.module.register_forward_hook(self._make_hook(tl, index), with_kwargs=True, always_call=True))
+        if self.loss_scale != 1.0:  # last: a model that is itself a tracked layer is tapped before it is scaled
+            self._handles.append(module.register_forward_hook(self._scale_outputs))
 
     def _separable_layers(self) -> dict[int, bool]:
         users: dict[int, int] = {}
