@@ -33,7 +33,7 @@ ACTIVATIONS = ["relu", "tanh", "gelu"]
 _INPUT_WORDS = {"vector": "feature vectors", "image": "(C, H, W) images", "tokens": "integer token sequences"}
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 _DEVICE = re.compile(r"^(cpu|auto|cuda(:\d+)?)$")
-PRECISIONS = ["fp32", "bf16"]
+PRECISIONS = ["fp32", "bf16", "fp16"]
 
 
 def _check_factory(key: str, spec: str | None) -> None:
@@ -128,8 +128,8 @@ class TrainingConfig:
     seed: int = 0
     #: "cpu", "cuda", "cuda:N", or "auto" (CUDA when torch sees a GPU, else the CPU)
     device: str = "cpu"
-    #: "fp32", or "bf16": the forward and the loss under torch.autocast(dtype=torch.bfloat16), the standard
-    #: mixed-precision loop (parameters, norms, clipped sums and noise stay float32)
+    #: "fp32", "bf16" or "fp16": the forward and the loss under torch.autocast in that dtype (parameters, norms,
+    #: clipped sums and noise stay float32); fp16 with a fixed loss scale (make_private(loss_scale=2**12))
     precision: str = "fp32"
 
     def __post_init__(self) -> None:
@@ -180,7 +180,7 @@ class TrainConfig:
                              "per-sample gradients have analytic bounds), and that model with that clipping only.")
         if self.privacy.clipping == "lipschitz" and self.training.precision != "fp32":
             raise ValueError("clipping = 'lipschitz' needs training.precision = 'fp32': its analytic gradient "
-                             "bounds hold for exact float32 arithmetic, not bf16 rounding.")
+                             "bounds hold for exact float32 arithmetic, not 16-bit rounding.")
         kind, dataset = self.model.kind, self.data.dataset
         if kind is not None and dataset is not None and MODEL_INPUT[kind] not in DATASET_INPUTS[dataset]:
             fits = [m for m, form in MODEL_INPUT.items() if form in DATASET_INPUTS[dataset]]

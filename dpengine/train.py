@@ -376,10 +376,15 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
+#: fp16's fixed loss scale: make_private(loss_scale=...) in private runs, a GradScaler's starting scale in
+#: non-private ones (a GradScaler cannot be used privately: its skipped steps depend on single records)
+FP16_LOSS_SCALE = 2.0 ** 12
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """The forward's precision context: bf16 autocast, or nothing for fp32."""
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+    """The forward's precision context: bf16 or fp16 autocast, or nothing for fp32."""
+    if precision in ("bf16", "fp16"):
+        return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
     return contextlib.nullcontext()
 
 
@@ -467,6 +472,8 @@ def _run(cfg: TrainConfig, private: bool, progress: bool) -> RunResult:
             options["loss_lipschitz"] = loss_fn.lipschitz  # type: ignore[union-attr]
         else:
             options["max_grad_norm"] = p.max_grad_norm
+        if precision == "fp16":
+            options["loss_scale"] = FP16_LOSS_SCALE
         common = dict(module=model, optimizer=optimizer, data_loader=loader, clipping=p.clipping,
                       grad_sample_mode=p.grad_sample_mode, **options)
         if p.target_epsilon is not None:
@@ -474,6 +481,9 @@ def _run(cfg: TrainConfig, private: bool, progress: bool) -> RunResult:
                 **common, target_epsilon=p.target_epsilon, target_delta=p.delta, epochs=cfg.training.epochs)
         else:
             model, optimizer, loader = engine.make_private(**common, noise_multiplier=p.noise_multiplier)
+    # non-private fp16: the standard GradScaler loop
+    scaler = torch.amp.GradScaler(device.type, init_scale=FP16_LOSS_SCALE) \
+        if precision == "fp16" and not private else None
     start, steps = time.perf_counter(), 0
     bar = tqdm(range(cfg.training.epochs), desc="private" if private else "non-private", disable=not progress,
                unit="epoch")
@@ -483,8 +493,13 @@ def _run(cfg: TrainConfig, private: bool, progress: bool) -> RunResult:
             optimizer.zero_grad()
             with autocast(device, precision):
                 loss = loss_fn(model(x), y)
-            loss.backward()
-            optimizer.step()
+            if scaler is None:
+                loss.backward()
+                optimizer.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
             steps += 1
         if engine is not None:
             bar.set_postfix(eps=f"{engine.get_epsilon(p.delta):.3f}")
@@ -545,7 +560,8 @@ def _help() -> str:
 @click.option("--device", default=None, metavar="DEVICE",
               help="Override training.device: cpu, cuda, cuda:N or auto (CUDA when torch sees a GPU).")
 @click.option("--precision", type=click.Choice(PRECISIONS), default=None,
-              help="Override training.precision (bf16: the forward under bf16 autocast).")
+              help="Override training.precision (bf16 / fp16: the forward under autocast; fp16 with a fixed loss "
+                   "scale).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def train(config: str | None, config_option: str | None, compare_nonprivate: bool, clipping: str | None,

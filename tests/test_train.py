@@ -341,13 +341,15 @@ def test_the_shipped_custom_train_example_runs(tmp_path, monkeypatch):
     assert str(example.parent.resolve()) not in sys.path  # the search path is taken off again
 
 
-@pytest.mark.parametrize("kind", ["mlp", "cnn"])
-def test_bf16_precision_trains_under_autocast_and_learns(kind):
-    """training.precision = "bf16": the forward runs under bf16 autocast (the layers' outputs are bf16), the
-    parameters stay float32, and a short private run on digits still learns (accuracy well above chance)."""
+@pytest.mark.parametrize("kind,precision", [("mlp", "bf16"), ("cnn", "bf16"), ("mlp", "fp16")])
+def test_16_bit_precision_trains_under_autocast_and_learns(kind, precision):
+    """training.precision = "bf16" / "fp16": the forward runs under autocast (the layers' outputs are 16-bit),
+    the parameters stay float32, and a short private run on digits still learns (accuracy well above
+    chance); fp16 with dpengine's fixed loss scale."""
     import torch
 
-    cfg = parse_config({"model": {"kind": kind}, "training": {"epochs": 4, "precision": "bf16"},
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    cfg = parse_config({"model": {"kind": kind}, "training": {"epochs": 4, "precision": precision},
                         "privacy": {"target_epsilon": 3.0}})
     dtypes = set()
 
@@ -360,8 +362,10 @@ def test_bf16_precision_trains_under_autocast_and_learns(kind):
         res = run(cfg, private=True, progress=False)
     finally:
         handle.remove()
-    assert dtypes == {torch.bfloat16}
+    assert dtypes == {dtype}
     assert res.epsilon <= 3.0 and res.test_accuracy >= 0.6, res
+    if precision == "fp16":  # the non-private comparison runs the standard GradScaler loop
+        assert run(cfg, private=False, progress=False).test_accuracy >= 0.8
 
 
 def test_device_and_precision_are_checked():
@@ -372,7 +376,7 @@ def test_device_and_precision_are_checked():
     with pytest.raises(ValueError, match="'cpu', 'cuda', 'cuda:N' or 'auto'"):
         parse_config({"training": {"device": "gpu"}})
     with pytest.raises(ValueError, match="precision"):
-        parse_config({"training": {"precision": "fp16"}})
+        parse_config({"training": {"precision": "fp8"}})
     with pytest.raises(ValueError, match="lipschitz.*precision = 'fp32'"):
         parse_config({"model": {"kind": "lipschitz_mlp"}, "training": {"precision": "bf16"},
                       "privacy": {"clipping": "lipschitz"}})
