@@ -388,6 +388,18 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return contextlib.nullcontext()
 
 
+def backward_and_step(loss: Tensor, optimizer: torch.optim.Optimizer, scaler: Any = None) -> None:
+    """``loss.backward(); optimizer.step()``, or the GradScaler loop when ``scaler`` is given (non-private
+    fp16 only: a private optimizer refuses a GradScaler)."""
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+
 @torch.no_grad()
 def accuracy(model: nn.Module, ds: Dataset, batch_size: int = 1024, device: torch.device | None = None,
              precision: str = "fp32") -> float:
@@ -493,13 +505,7 @@ def _run(cfg: TrainConfig, private: bool, progress: bool) -> RunResult:
             optimizer.zero_grad()
             with autocast(device, precision):
                 loss = loss_fn(model(x), y)
-            if scaler is None:
-                loss.backward()
-                optimizer.step()
-            else:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
+            backward_and_step(loss, optimizer, scaler)
             steps += 1
         if engine is not None:
             bar.set_postfix(eps=f"{engine.get_epsilon(p.delta):.3f}")

@@ -333,11 +333,12 @@ def test_nonfinite_flag_sees_every_nan_and_inf(dtype):
 @pytest.mark.parametrize("mode,clipping,precision,optimizer", [
     *((m, c, p, "sgd") for m in ("hooks", "ghost", "bk", "fused") for c in ("flat", "per_layer", "adaptive")
       for p in ("fp32", "bf16")),
-    ("bk", "flat", "fp32", "adam-fused"), ("bk", "flat", "bf16", "adam-fused")])
+    ("bk", "flat", "fp32", "adam-fused"), ("bk", "flat", "bf16", "adam-fused"),
+    ("ghost", "flat", "fp16", "sgd"), ("bk", "per_layer", "fp16", "sgd")])
 def test_cuda_step_never_synchronizes(mode, clipping, precision, optimizer):
     """On a GPU, steady-state backward() + step() make no host-device synchronization: CUDA's own sync
     detector (torch.cuda.set_sync_debug_mode("error")) raises on any blocking copy or stream sync. A fused
-    Adam masks through its own ``found_inf``."""
+    Adam masks through its own ``found_inf``; fp16 runs with make_private(loss_scale=...)."""
     if mode == "fused":
         from conftest import require_triton
         require_triton()
@@ -349,7 +350,7 @@ def test_cuda_step_never_synchronizes(mode, clipping, precision, optimizer):
     model, opt, dl = PrivacyEngine(seed=0).make_private(
         module=model, optimizer=inner,
         data_loader=DataLoader(ds, batch_size=16), noise_multiplier=1.0, max_grad_norm=1.0, clipping=clipping,
-        grad_sample_mode=mode, **CLIPPINGS[clipping])
+        grad_sample_mode=mode, loss_scale=2.0 ** 10 if precision == "fp16" else 1.0, **CLIPPINGS[clipping])
     loss_fn = seq_ce("mean")
     batches = iter(dl)
     for step in range(4):
@@ -360,7 +361,8 @@ def test_cuda_step_never_synchronizes(mode, clipping, precision, optimizer):
             torch.cuda.set_sync_debug_mode("error")
         try:
             opt.zero_grad()
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            with torch.autocast("cuda", dtype=torch.float16 if precision == "fp16" else torch.bfloat16,
+                                enabled=precision != "fp32"):
                 out = model(x)
             loss_fn(out.float(), y).backward()
             opt.step()

@@ -252,6 +252,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         import opacus  # noqa: F401
 
     from dpengine.bench import models
+    from dpengine.train import backward_and_step
 
     if not implemented(mode):
         return {"status": NOT_IMPLEMENTED.format(mode=mode)}
@@ -334,13 +335,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
                     loss = criterion(out, y)
             else:
                 loss = work.loss(out, y)
-        if scaler is None:
-            loss.backward()
-            optimizer.step()
-        else:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+        backward_and_step(loss, optimizer, scaler)
 
     if cuda:
         torch.cuda.synchronize()
