@@ -164,3 +164,27 @@ def test_bad_scales_and_combinations_are_refused():
     with pytest.raises(ValueError, match="fused"):
         _private(_model(), 2.0 ** 8, mode="fused")
 
+
+
+@pytest.mark.parametrize("scale", [1.0, 2.0 ** 8])
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+def test_an_input_gradient_pass_is_dropped_not_refused(clipping, scale):
+    """torch.autograd.grad from an intermediate tensor (not the training backward) never reaches the update:
+    with a loss scale it is dropped as always, not refused, and the training backward over the same retained
+    graph gives exactly the sums it gives alone. (With per_layer clipping that pass used to reduce a layer
+    early and release its record, so the training backward crashed on an empty record.)"""
+    sums = []
+    for extra_pass in (False, True):
+        model = _model()
+        inter = {}
+        model[1].register_forward_hook(lambda m, a, o: inter.__setitem__("h", o))
+        model, opt, dl = _private(model, scale, clipping=clipping)
+        x, y = next(iter(dl))
+        x = x.clone().requires_grad_(True)
+        out = model(x)
+        if extra_pass:
+            torch.autograd.grad(inter["h"].square().sum(), x, retain_graph=True)
+        _token_ce(out, y).backward()
+        sums.append([t.clone() for t in opt.clipped_grads_for_debugging().values()])
+        assert opt.controller.skipped_backwards == int(extra_pass)
+    assert all(torch.equal(a, b) for a, b in zip(*sums))

@@ -811,8 +811,12 @@ class GradSampleController(BatchLedger):
         if tapped and self._pending_full is None:  # the anchor is in this graph: ask whether it runs
             self._pending_full = _full_backward(self._anchor_acc)
         if self._own_groups.get(id(tl)) and self._calls.get(id(tl)) == 1:
-            self._reduce_early(tl, rec)
-            return
+            # not in a pass known to be torch.autograd.grad: its record would be released, and a retained
+            # graph's training backward would then find it empty (the pass's sums are dropped anyway)
+            full = self._pending_full if self._pending_full is not None else _full_backward(self._anchor_acc)
+            if full is not False:
+                self._reduce_early(tl, rec)
+                return
         self._pending.append((tl, rec))
 
     def _clear_staged(self) -> None:
@@ -922,7 +926,8 @@ class GradSampleController(BatchLedger):
         gradient are freed at once (peak memory: one layer's buffers). The sums are staged until the end
         of the backward, which checks the batch and commits them (or drops them for autograd.grad)."""
         self.early_reductions += 1
-        self._check_scaled(torch._C._current_graph_task_id())
+        if self._pending_full is not False:  # an autograd.grad pass is dropped at its end, unscaled or not
+            self._check_scaled(torch._C._current_graph_task_id())
         with _reducing():
             self._check_record(tl, rec)
             b = rec.g.shape[0]
