@@ -457,7 +457,8 @@ class DPOptimizer(Optimizer):
             f"non-finite per-sample gradient norm or released gradient (NaN or inf) at step {self._flag_step} "
             "(counting from 1); that step, and any step taken after it before this error, was not applied: the "
             "parameters are as they were before it (the wrapped optimizer's state, e.g. momentum, advanced as "
-            "for a zero gradient, and the accountant counts those steps). Check the loss and inputs (lower the "
+            "for a zero gradient, except in a fused SGD/Adam/AdamW, which skipped the step; the accountant counts "
+            "those steps). Check the loss and inputs (lower the "
             "learning rate, or clamp logits" + (f"; with loss_scale={scale:g}, an fp16 gradient may have overflowed: "
                                                "lower loss_scale" if scale != 1 else "") +
             "); to go on, catch this error and continue, or load a checkpoint.")

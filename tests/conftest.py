@@ -54,18 +54,32 @@ def _seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture
-def restore_fp32_switches():
-    """Put torch's process-wide float32 precision switches (legacy and per backend/op) back after a test."""
-    keys = [("generic", "all"), ("cuda", "matmul"), ("cuda", "conv"), ("cuda", "rnn"), ("mkldnn", "matmul"),
-            ("mkldnn", "conv"), ("mkldnn", "rnn")]
+#: torch's process-wide float32 precision switches (backend, op) of the new API (torch >= 2.9)
+FP32_SWITCHES = [("generic", "all"), ("cuda", "matmul"), ("cuda", "conv"), ("cuda", "rnn"), ("mkldnn", "matmul"),
+                 ("mkldnn", "conv"), ("mkldnn", "rnn")]
+
+
+def fp32_state() -> tuple:
+    """(legacy float32_matmul_precision or None where the APIs were mixed and it cannot be read, the
+    per-(backend, op) values)."""
     try:
         legacy = torch._C._get_float32_matmul_precision()
     except RuntimeError:
-        legacy = "highest"
-    raw = [torch._C._get_fp32_precision_getter(*k) for k in keys] \
-        if hasattr(torch._C, "_get_fp32_precision_getter") else []
+        legacy = None
+    raw = tuple(torch._C._get_fp32_precision_getter(*k) for k in FP32_SWITCHES) \
+        if hasattr(torch._C, "_get_fp32_precision_getter") else ()
+    return legacy, raw
+
+
+@pytest.fixture
+def restore_fp32_switches():
+    """Put torch's process-wide float32 precision switches (legacy and per backend/op) back after a test."""
+    legacy, raw = fp32_state()
+    legacy_flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) if not raw else None
     yield
-    torch._C._set_float32_matmul_precision(legacy)
-    for k, v in zip(keys, raw):
+    if legacy_flags is not None:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = legacy_flags
+        return
+    torch._C._set_float32_matmul_precision(legacy or "highest")
+    for k, v in zip(FP32_SWITCHES, raw):
         torch._C._set_fp32_precision_setter(*k, v)

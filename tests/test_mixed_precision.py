@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import TinyCNN, TinyGPT, seq_ce
+from conftest import fp32_state
 from oracle import flat_norms, oracle_per_sample
 
 from dpengine.grad_sample.controller import GradSampleController, GradSampleMode, LossReduction
@@ -162,18 +163,6 @@ def test_backward_inside_autocast_reduces_in_float32(mode, clipping):
 
 
 # ------------------------------------------------------------------ reduced-precision float32 math (TF32, oneDNN bf16)
-_SWITCHES = [("generic", "all"), ("cuda", "matmul"), ("cuda", "conv"), ("cuda", "rnn"), ("mkldnn", "matmul"),
-             ("mkldnn", "conv"), ("mkldnn", "rnn")]
-
-
-def _precision_state() -> tuple:
-    try:
-        legacy = torch._C._get_float32_matmul_precision()
-    except RuntimeError:  # the two APIs mixed: unreadable
-        legacy = None
-    return legacy, tuple(torch._C._get_fp32_precision_getter(*k) for k in _SWITCHES)
-
-
 _USER_SETTINGS = {
     "default": lambda: None,
     "legacy high (TF32)": lambda: torch.set_float32_matmul_precision("high"),
@@ -209,7 +198,7 @@ def test_reduction_runs_exact_float32_whatever_the_user_switched_on(setting, mod
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
     x, y = torch.randn(5, 4, 6), torch.randint(0, 3, (5, 4))
     _USER_SETTINGS[setting]()
-    before = _precision_state()
+    before = fp32_state()
     seen = []
 
     def spied(name):
@@ -225,7 +214,7 @@ def test_reduction_runs_exact_float32_whatever_the_user_switched_on(setting, mod
         monkeypatch.setattr(linear_mod._LinearLike, name, spied(name))
     _run(model, _token_ce, x, y, mode, _clip_at_one, autocast=False)
     assert len(seen) >= 4 and all(s == ([], False, "highest") for s in seen), seen
-    assert _precision_state() == before or before[0] is None and _precision_state()[1] == before[1]
+    assert fp32_state() == before or before[0] is None and fp32_state()[1] == before[1]
     if setting != "default":
         assert reduced_fp32_math("cuda") + reduced_fp32_math("cpu")  # the user's setting is back in force
 
@@ -283,3 +272,21 @@ def test_overlapping_reductions_share_one_exact_setting(restore_fp32_switches):
     assert reduced_fp32_math("cuda") == [] and torch._C._get_float32_matmul_precision() == "highest"
     second.close()
     assert torch._C._get_float32_matmul_precision() == "high" and reduced_fp32_math("cuda")
+
+
+def test_exact_fp32_with_the_legacy_switches_only(restore_fp32_switches, monkeypatch):
+    """torch < 2.9 has only the two legacy CUDA switches: they are turned off inside and restored after."""
+    import contextlib
+
+    from dpengine.grad_sample import precision
+
+    monkeypatch.setattr(precision, "_NEW_API", False)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    assert precision.reduced_fp32_math("cuda") == ["cuda.matmul.allow_tf32=True", "cudnn.allow_tf32=True"]
+    assert precision.reduced_fp32_math("cuda", ("conv",)) == ["cudnn.allow_tf32=True"]
+    with contextlib.ExitStack() as stack:
+        precision.exact_fp32(stack)
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert precision.reduced_fp32_math("cuda") == []
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32

@@ -926,8 +926,7 @@ class GradSampleController(BatchLedger):
         gradient are freed at once (peak memory: one layer's buffers). The sums are staged until the end
         of the backward, which checks the batch and commits them (or drops them for autograd.grad)."""
         self.early_reductions += 1
-        if self._pending_full is not False:  # an autograd.grad pass is dropped at its end, unscaled or not
-            self._check_scaled(torch._C._current_graph_task_id())
+        self._check_scaled(torch._C._current_graph_task_id())  # never an autograd.grad pass (see _on_grad)
         with _reducing():
             self._check_record(tl, rec)
             b = rec.g.shape[0]
