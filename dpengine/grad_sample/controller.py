@@ -544,8 +544,11 @@ class GradSampleController(BatchLedger):
         #: backward passes that were not a full ``backward()`` (``torch.autograd.grad``), dropped
         self.skipped_backwards = 0
         self._warned_unverified = False
-        self.last_norms: Tensor | None = None  # (B,) each sample's whole-gradient norm, last backward
-        self.last_group_norms: Tensor | None = None  # (K, B) per clipping group
+        # (K, B) squared per-group norms of the last backward and their scale: the diagnostics ``last_norms``
+        # and ``last_group_norms`` are formed from them when read, not in every step
+        self._last_sq: Tensor | None = None
+        self._last_scale = 1.0
+        self._last_norms: tuple[Tensor, Tensor] | None = None
         self._unclipped: dict[nn.Parameter, Tensor] = {}  # sum_i g_i, for policies that need it
         self._swapped: set[int] = set()  # layers whose parameters the pre-hook swapped for this call
         # layers whose clipping groups hold only their own parameters (used by no other layer): with a
@@ -969,8 +972,7 @@ class GradSampleController(BatchLedger):
             for p, t in part.items():
                 _accumulate(into, p, t, buckets)
         if batch == 0:  # an empty Poisson batch: nothing to clip, the step still adds noise
-            self.last_norms = torch.zeros(0)
-            self.last_group_norms = torch.zeros(self.policy.num_groups, 0)
+            self._note_last(torch.zeros(self.policy.num_groups, 0), 1.0)
             for tl, _ in pending:
                 for p in tl.params:
                     if p not in self._summed:
@@ -980,10 +982,31 @@ class GradSampleController(BatchLedger):
         sq = self._norms_and_sums(pending, batch, self._summed, self._unclipped) if pending else None
         sq = staged_sq if sq is None else (sq if staged_sq is None else sq + staged_sq)
         scale = float(batch) if self.loss_reduction is LossReduction.MEAN else 1.0
-        self.last_group_norms = sq.sqrt() * scale
-        self.last_norms = sq.sum(0).sqrt() * scale
+        self._note_last(sq, scale)
         self.note_nonfinite(nonfinite_flag(sq))  # every group of every record, staged ones included
         self.batches_accumulated += 1
+
+    def _note_last(self, sq: Tensor, scale: float) -> None:
+        self._last_sq, self._last_scale, self._last_norms = sq, scale, None
+
+    def _last(self) -> tuple[Tensor, Tensor] | None:
+        if self._last_norms is None and self._last_sq is not None:
+            with torch.no_grad():
+                sq, scale = self._last_sq, self._last_scale
+                self._last_norms = (sq.sum(0).sqrt() * scale, sq.sqrt() * scale)
+        return self._last_norms
+
+    @property
+    def last_norms(self) -> Tensor | None:
+        """(B,) each sample's whole-gradient norm in the last backward (None before the first)."""
+        last = self._last()
+        return None if last is None else last[0]
+
+    @property
+    def last_group_norms(self) -> Tensor | None:
+        """(K, B) each sample's norm per clipping group in the last backward (None before the first)."""
+        last = self._last()
+        return None if last is None else last[1]
 
     def _norms_and_sums(self, pending: list[tuple[TrackedLayer, Record]], batch: int,
                         into: dict[nn.Parameter, Tensor], into_unclipped: dict[nn.Parameter, Tensor]) -> Tensor:

@@ -47,28 +47,43 @@ class _LinearLike(LayerHandler):
 
     def norm_sq(self, layer: nn.Module, rec: Record, names: list[str], method: NormMethod,
                 joint: bool = False) -> dict[str, Tensor]:
+        if rec.a.dim() == 2:  # one token per sample (the common MLP case): no token dimension at all
+            return self._norm_sq_rows(rec, names, joint)
         a, g = self._ag(rec)
+        if a.shape[1] == 1:
+            return self._norm_sq_rows(rec, names, joint, a[:, 0], g[:, 0])
         out: dict[str, Tensor] = {}
-        if joint and "bias" in names and "weight" in names and (a.shape[1] == 1 or method is NormMethod.GRAM):
+        if joint and "bias" in names and "weight" in names and method is NormMethod.GRAM:
             # weight and bias in one group: ||G_i||^2 + ||b_i||^2 = sum_{t,s} (a_t . a_s + 1)(g_t . g_s), since
-            # the bias gradient sum_t g_t has squared norm sum_{t,s} g_t . g_s; one token: ||g||^2 (||a||^2 + 1)
-            if a.shape[1] == 1:
-                return {JOINT: row_sq(g) * (row_sq(a) + 1)}
-            aa = torch.bmm(a, a.transpose(1, 2)).add_(1)
+            # the bias gradient sum_t g_t has squared norm sum_{t,s} g_t . g_s
+            aa = torch.baddbmm(_one(a), a, a.transpose(1, 2))
             return {JOINT: (aa * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))}
-        if "weight" in names and a.shape[1] > 1 and method is NormMethod.MATERIALIZE:
+        if "weight" in names and method is NormMethod.MATERIALIZE:
             # Materialized once; the clipped sum is then a weighted sum of these (no second GEMM), and
             # the captured a and g are released: the per-sample gradients take their place.
             ps = self._cached_per_sample(layer, rec, names)
             rec.release()
             return {n: row_sq(t) for n, t in ps.items()}
         if "weight" in names:
-            if a.shape[1] == 1:  # one token: ||g a^T|| = ||g|| ||a||
-                out["weight"] = row_sq(a) * row_sq(g)
-            else:
-                out["weight"] = gram_norm_sq(a, g)
+            out["weight"] = gram_norm_sq(a, g)
         if "bias" in names:
             out["bias"] = row_sq(_bias_rows(rec, g))
+        return out
+
+    @staticmethod
+    def _norm_sq_rows(rec: Record, names: list[str], joint: bool, a: Tensor | None = None,
+                      g: Tensor | None = None) -> dict[str, Tensor]:
+        """One token per sample, (B, d) and (B, p): ||g a^T|| = ||g|| ||a||, and the bias gradient is g."""
+        a = rec.a if a is None else a
+        g = rec.g if g is None else g
+        gg = row_sq(g)
+        if joint and "bias" in names and "weight" in names:
+            return {JOINT: gg * (row_sq(a) + 1)}
+        out: dict[str, Tensor] = {}
+        if "weight" in names:
+            out["weight"] = row_sq(a) * gg
+        if "bias" in names:
+            out["bias"] = gg
         return out
 
     def clipped_sum(self, layer: nn.Module, rec: Record, names: list[str], c: Tensor,
@@ -77,24 +92,38 @@ class _LinearLike(LayerHandler):
         cached = rec.extra.get("per_sample", {})
         if all(n in cached for n in names):
             return {n: weighted_sum(cached[n], c, out=dst.get(n)) for n in names}
-        a, g = self._ag(rec)
+        rows = rec.a.dim() == 2  # one token per sample, no token dimension
+        a, g = (rec.a, rec.g) if rows else self._ag(rec)
         cv = c.to(g.dtype)
         res: dict[str, Tensor] = {}
         if "weight" in names:
             # book-keeping: sum_i c_i g_i^T a_i is one GEMM once the factors are folded into the
             # smaller of the two operands; a single token needs no token dimension at all
-            aw, gw, col = (a[:, 0], g[:, 0], cv.unsqueeze(1)) if a.shape[1] == 1 else (a, g, cv.view(-1, 1, 1))
-            if aw.shape[-1] <= gw.shape[-1]:
-                a2, g2 = _rows(aw * col), _rows(gw)
+            if not rows and a.shape[1] == 1:
+                a, g, rows = a[:, 0], g[:, 0], True
+            col = cv.unsqueeze(1) if rows else cv.view(-1, 1, 1)
+            if a.shape[-1] <= g.shape[-1]:
+                a2, g2 = _rows(a * col), _rows(g)
             else:
-                a2, g2 = _rows(aw), _rows(gw * col)
+                a2, g2 = _rows(a), _rows(g * col)
             left, right = (a2.t(), g2) if self.transposed else (g2.t(), a2)
             w = dst.get("weight")
             res["weight"] = torch.mm(left, right, out=w) if fits(w, left.dtype) else left @ right
         if "bias" in names:
-            b, s = dst.get("bias"), _bias_rows(rec, g)  # (B, p)
+            b, s = dst.get("bias"), (g if g.dim() == 2 else _bias_rows(rec, g))  # (B, p)
             res["bias"] = torch.mv(s.t(), cv, out=b) if fits(b, s.dtype) else cv @ s
         return res
+
+
+_ONES: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+
+
+def _one(x: Tensor) -> Tensor:
+    """A cached 0-dim one of ``x``'s dtype and device (the broadcast ``input`` of a baddbmm)."""
+    key = (x.dtype, x.device)
+    if key not in _ONES:
+        _ONES[key] = torch.ones((), dtype=x.dtype, device=x.device)
+    return _ONES[key]
 
 
 def _rows(x: Tensor) -> Tensor:
