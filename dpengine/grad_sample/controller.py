@@ -28,7 +28,7 @@ import threading
 import warnings
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +38,7 @@ from . import fused
 from .functorch import FALLBACK
 from .precision import exact_fp32
 from .ledger import BatchLedger, SumBuckets, nonfinite_flag, sum_dtype
+from .rows import RowPack, accumulate_pieces
 from .registry import (JOINT, LayerHandler, NormMethod, PerSampleGradientError, Record, cross_term, direct_trainable,
                        find_handler, row_sq, weighted_sum)
 
@@ -488,6 +489,17 @@ def _stack_repeated_calls(pending: list[tuple[TrackedLayer, Record]]) -> list[tu
     if not merged:
         return pending
     return [merged.get(i, p) for i, p in enumerate(pending) if i not in drop]
+
+
+class _Calls(NamedTuple):
+    """What the handler is asked for one record: ``norm_sq`` of ``norm`` (``covered``: the names among them
+    whose rows a ``RowPack`` sums, their norms inside a joint form) and ``clipped_sum`` of ``sums``."""
+
+    tl: TrackedLayer
+    rec: Record
+    norm: list[str]
+    covered: list[str]
+    sums: list[str]
 
 
 class GradSampleController(BatchLedger):
@@ -1048,11 +1060,22 @@ class GradSampleController(BatchLedger):
                 continue
             tl, rec, n = us[0]
             direct.setdefault((id(tl), id(rec)), (tl, rec, []))[2].append(n)
-        for tl, rec, names in direct.values():
+        direct, packs = self._pack_rows(direct, batch)
+        for tl, rec, names, covered, _ in direct.values():
+            if not names:
+                continue
             ks = {group(tl.params[tl.names.index(n)]) for n in names}
             kw = {"joint": True} if tl.handler.joint_norms and len(names) > 1 and len(ks) == 1 else {}
-            for n, t in tl.handler.norm_sq(tl.module, rec, names, self._method(tl, rec), **kw).items():
+            got = tl.handler.norm_sq(tl.module, rec, names, self._method(tl, rec), **kw)
+            if JOINT not in got and any(n not in got for n in covered):
+                raise RuntimeError(f"internal: {type(tl.handler).__name__}.norm_sq left out the norm of a "
+                                   "parameter it said its joint norm covers (row_params)")
+            for n, t in got.items():
                 terms[ks.pop() if n == JOINT else group(tl.params[tl.names.index(n)])].append(t)
+        for (k, _, _), pack in packs.items():
+            t = pack.norm_sq()
+            if t is not None:
+                terms[k].append(t)
         sq = torch.stack([_total(ts, batch, work, ref.device) for ts in terms])  # (K, B)
         if self.loss_scale != 1.0:  # g was S times the gradient: S^-2 (exact, a power of two) in the norms,
             sq = sq * (self.loss_scale ** -2)  # S^-1 in the factors below
@@ -1063,21 +1086,50 @@ class GradSampleController(BatchLedger):
         # (K, B): factor per group and sample, times the mean-reduction scale and the output scale (1 / expected
         # batch size for a mean-reduced loss), so no pass over the summed gradients is needed later
         c = self.policy.factors(norms) * (scale * self.output_scale / self.loss_scale)
-        self._weighted_sums(direct, materialized, c, into)
+        self._weighted_sums(direct, materialized, packs, c, into)
         if self.policy.needs_unclipped:  # one more weighted GEMM from the same captured tensors
             ones = torch.full_like(c, scale * self.output_scale / self.loss_scale)
-            self._weighted_sums(direct, materialized, ones, into_unclipped)
+            self._weighted_sums(direct, materialized, packs, ones, into_unclipped)
         return sq
 
-    def _weighted_sums(self, direct: dict[tuple[int, int], tuple[TrackedLayer, Record, list[str]]],
-                       materialized: dict[nn.Parameter, Tensor], c: Tensor, into: dict[nn.Parameter, Tensor]) -> None:
+    def _pack_rows(self, direct: dict[tuple[int, int], tuple[TrackedLayer, Record, list[str]]], batch: int
+                   ) -> tuple[dict[tuple[int, int], _Calls], dict[tuple[int, torch.dtype, torch.device], RowPack]]:
+        """Collect the parameters whose per-sample rows the handlers form anyway (``row_params``) into one
+        ``RowPack`` per clipping group, dtype and device where that saves operators, and have them written.
+        Returns, per record, what is left for the handler's ``norm_sq`` and ``clipped_sum``, and the packs."""
+        group = self.policy.group
+        candidates: dict[tuple[int, torch.dtype, torch.device], RowPack] = {}
+        if self.mode is not GradSampleMode.HOOKS:  # the reference path materializes every parameter alone
+            for tl, rec, names in direct.values():
+                ks = {group(tl.params[tl.names.index(n)]) for n in names}
+                joint = tl.handler.joint_norms and len(names) > 1 and len(ks) == 1
+                for n, norm in tl.handler.row_params(tl.module, rec, names, self._method(tl, rec), joint).items():
+                    p = tl.params[tl.names.index(n)]
+                    candidates.setdefault((group(p), rec.g.dtype, rec.g.device), RowPack()).add(tl, rec, n, p, norm)
+        packs = {key: pack for key, pack in candidates.items() if pack.worth_it()}
+        packed = {(id(e.rec), e.name): e.norm for pack in packs.values() for e in pack.entries}
+        for (_, dtype, device), pack in packs.items():
+            pack.write(batch, dtype, device)  # before any norm_sq, which may release a record
+        out = {}
+        for key, (tl, rec, names) in direct.items():
+            mine = {n: packed[(id(rec), n)] for n in names if (id(rec), n) in packed}
+            out[key] = _Calls(tl, rec, norm=[n for n in names if not mine.get(n, False)],
+                              covered=[n for n, norm in mine.items() if not norm],
+                              sums=[n for n in names if n not in mine])
+        return out, packs
+
+    def _weighted_sums(self, direct: dict[tuple[int, int], _Calls], materialized: dict[nn.Parameter, Tensor],
+                       packs: dict[tuple[int, torch.dtype, torch.device], RowPack], c: Tensor,
+                       into: dict[nn.Parameter, Tensor]) -> None:
         """sum_i c[group, i] * grad_i for every parameter, accumulated into ``into``. A parameter's first
         contribution is offered its slot of the sum buckets as ``out=``: a handler that writes it there saves
         a copy."""
         group = self.policy.group
         buckets = self.sum_buckets if into is self._summed else None
         rows = c.unbind(0)  # (B,) factors per group: one op, not an index per layer
-        for tl, rec, names in direct.values():
+        for (k, _, _), pack in packs.items():
+            accumulate_pieces(into, pack.sums(rows[k]), buckets)
+        for tl, rec, _, _, names in direct.values():
             by_group: dict[int, list[str]] = {}
             for n in names:
                 by_group.setdefault(group(tl.params[tl.names.index(n)]), []).append(n)

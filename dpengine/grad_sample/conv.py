@@ -136,6 +136,13 @@ class ConvHandler(LayerHandler):
             out["bias"] = _bias_rows(rec)
         return out
 
+    def row_params(self, layer: nn.Module, rec: Record, names: list[str], method: NormMethod,
+                   joint: bool) -> dict[str, bool]:
+        return {"bias": True} if "bias" in names else {}
+
+    def write_rows(self, layer: nn.Module, rec: Record, out: dict[str, Tensor]) -> None:
+        torch.sum(rec.g.reshape(rec.g.shape[0], rec.g.shape[1], -1), 2, out=out["bias"])
+
     def prefers_gram(self, layer: nn.Module, rec: Record) -> bool:
         positions = math.prod(rec.g.shape[2:])
         p = layer.out_channels // layer.groups

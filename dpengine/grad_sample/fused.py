@@ -101,6 +101,10 @@ class _FusedLinearLike(_LinearLike):
         """The weight's (rows, cols) operands: (g, a) for Linear's (out, in), (a, g) for Conv1D's (in, out)."""
         return (a, g) if self.transposed else (g, a)
 
+    def row_params(self, layer: nn.Module, rec: Record, names: list[str], method: NormMethod,
+                   joint: bool) -> dict[str, bool]:
+        return {}  # g may be 16-bit here: the bias is promoted and reduced on its own (norm_sq, clipped_sum)
+
     def prefers_gram(self, layer: nn.Module, rec: Record) -> bool:
         # Neither kernel writes anything per sample, so memory no longer decides: FLOPs do. Per sample the
         # Gram form costs T^2 (d + p), the materialized form T p d.

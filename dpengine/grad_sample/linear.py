@@ -35,6 +35,21 @@ class _LinearLike(LayerHandler):
         a, g = self._ag(rec)
         return OuterFactors(a, g) if self.transposed else OuterFactors(g, a)
 
+    def row_params(self, layer: nn.Module, rec: Record, names: list[str], method: NormMethod,
+                   joint: bool) -> dict[str, bool]:
+        if "bias" not in names:
+            return {}
+        one_token = rec.a.dim() == 2 or rec.a.numel() == rec.a.shape[0] * rec.a.shape[-1]
+        # norm_sq's joint forms (one token, or the Gram form) include the bias norm
+        return {"bias": not (joint and "weight" in names and (one_token or method is NormMethod.GRAM))}
+
+    def write_rows(self, layer: nn.Module, rec: Record, out: dict[str, Tensor]) -> None:
+        g = rec.g
+        if g.dim() == 2:
+            out["bias"].copy_(g)
+        else:
+            torch.sum(flatten_tokens(g), 1, out=out["bias"])
+
     def prefers_gram(self, layer: nn.Module, rec: Record) -> bool:
         t = rec.a.numel() // max(rec.a.shape[0], 1) // rec.a.shape[-1]
         p, d = rec.g.shape[-1], rec.a.shape[-1]

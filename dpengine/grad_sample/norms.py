@@ -7,10 +7,11 @@ normalized input recomputed from the saved input.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .registry import LayerHandler, Record, register
+from .registry import LayerHandler, NormMethod, Record, register
 
 
 class _AffineNorm(LayerHandler):
@@ -21,16 +22,32 @@ class _AffineNorm(LayerHandler):
         """Dimensions summed over to reach (B, *param.shape)."""
         raise NotImplementedError
 
-    def per_sample(self, layer: nn.Module, rec: Record, names: list[str]) -> dict[str, Tensor]:
+    def per_sample(self, layer: nn.Module, rec: Record, names: list[str],
+                   out: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         x, g = rec.a, rec.g
         dims = self.reduce_dims(layer, x)
-        out: dict[str, Tensor] = {}
+        dst = out or {}
+        res: dict[str, Tensor] = {}
         if "weight" in names:
             prod = g * self.x_hat(layer, x)  # (an einsum here is 3-4x slower on CPU)
-            out["weight"] = prod.sum(dims) if dims else prod
+            res["weight"] = _summed(prod, dims, dst.get("weight"))
         if "bias" in names:
-            out["bias"] = g.sum(dims) if dims else g
-        return out
+            res["bias"] = _summed(g, dims, dst.get("bias"))
+        return res
+
+    def row_params(self, layer: nn.Module, rec: Record, names: list[str], method: NormMethod,
+                   joint: bool) -> dict[str, bool]:
+        return {n: True for n in names}  # always materialized: (B, *param.shape)
+
+    def write_rows(self, layer: nn.Module, rec: Record, out: dict[str, Tensor]) -> None:
+        self.per_sample(layer, rec, list(out), out=out)
+
+
+def _summed(t: Tensor, dims: list[int], out: Tensor | None) -> Tensor:
+    """``t`` summed over ``dims`` (none: ``t`` itself), into ``out`` when given."""
+    if out is None:
+        return t.sum(dims) if dims else t
+    return torch.sum(t, dims, out=out) if dims else out.copy_(t)
 
 
 class _LastDims(_AffineNorm):

@@ -151,6 +151,21 @@ class LayerHandler:
     def norm_sq(self, layer: nn.Module, rec: Record, names: list[str], method: NormMethod) -> dict[str, Tensor]:
         return {n: row_sq(t) for n, t in self._cached_per_sample(layer, rec, names).items()}
 
+    def row_params(self, layer: nn.Module, rec: Record, names: list[str], method: NormMethod,
+                   joint: bool) -> dict[str, bool]:
+        """The parameters among ``names`` whose per-sample gradients this handler forms as (B, n) rows whatever
+        the method (a bias, a norm layer's scale): the controller may have them written into one matrix with
+        other layers' rows (``write_rows``) and reduce them all at once (``rows.RowPack``). Maps each to True
+        if its norm is wanted from those rows, False if ``norm_sq`` with these ``method`` and ``joint``
+        covers it (a Linear's bias inside the joint Gram norm); the controller then leaves the former out of
+        ``names`` for ``norm_sq`` and all of them out for ``clipped_sum``."""
+        return {}
+
+    def write_rows(self, layer: nn.Module, rec: Record, out: dict[str, Tensor]) -> None:
+        """Write the per-sample gradient of each parameter named in ``out`` into its (B, *param.shape)
+        destination (a view of the controller's row matrix, not contiguous)."""
+        raise NotImplementedError
+
     def clipped_sum(self, layer: nn.Module, rec: Record, names: list[str], c: Tensor,
                     out: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         """``{name: sum_i c_i grad_i}``. ``out`` may hold a contiguous destination per name (in the sum dtype,
