@@ -692,9 +692,11 @@ class GradSampleController(BatchLedger):
             # `_is_view()` is a graph break. So a traced call keeps its own copy of the inputs instead (the
             # graph is functional, so the copy holds the values the layer read; nothing else can write to
             # it) and a tagged output is a copy. See DESIGN.md, "torch.compile".
+            # Eager calls keep the inputs themselves, not detached aliases: every use of a record runs under
+            # no_grad (``_reducing``), so no graph is built from them, and the version counter is the same.
             compiling = torch.compiler.is_compiling()
-            args = tuple((x.detach().clone() if compiling else x.detach()) if isinstance(x, Tensor) else x
-                         for x in args)
+            if compiling:
+                args = tuple(x.detach().clone() if isinstance(x, Tensor) else x for x in args)
             copy = tl.handler.output_may_be_saved
             batch = self._broadcast_batch(args, out)
             if batch is not None:
