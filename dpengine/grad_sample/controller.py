@@ -440,6 +440,13 @@ def _accumulate(into: dict[nn.Parameter, Tensor], p: nn.Parameter, t: Tensor,
         into[p] = slot.copy_(t)
 
 
+def _totals(terms: list[list[Tensor]], batch: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(K, B): the sum of each group's (B,) squared-norm terms, in ``dtype`` (one group: one stack, one sum)."""
+    if len(terms) == 1 and len(terms[0]) > 1:
+        return torch.stack([t.to(dtype) for t in terms[0]]).sum(0, keepdim=True)
+    return torch.stack([_total(ts, batch, dtype, device) for ts in terms])
+
+
 def _total(terms: list[Tensor], batch: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """The (B,) sum of a group's squared-norm terms, in ``dtype``."""
     if not terms:
@@ -1078,7 +1085,7 @@ class GradSampleController(BatchLedger):
             t = pack.norm_sq()
             if t is not None:
                 terms[k].append(t)
-        sq = torch.stack([_total(ts, batch, work, ref.device) for ts in terms])  # (K, B)
+        sq = _totals(terms, batch, work, ref.device)  # (K, B)
         if self.loss_scale != 1.0:  # g was S times the gradient: S^-2 (exact, a power of two) in the norms,
             sq = sq * (self.loss_scale ** -2)  # S^-1 in the factors below
 

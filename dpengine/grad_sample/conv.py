@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .registry import LayerHandler, NormMethod, Record, fits, register, row_sq, weighted_sum
+from .registry import LayerHandler, NormMethod, Record, factor_view, fits, register, row_sq, weighted_sum
 
 
 def _pad_input(layer: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
@@ -180,7 +180,7 @@ class ConvHandler(LayerHandler):
                 res["weight"] = weighted_sum(cached["weight"], cv, out=dst.get("weight"))
             else:
                 nd = len(layer.kernel_size)
-                gc = rec.g * cv.view(-1, *([1] * (rec.g.dim() - 1)))
+                gc = rec.g * factor_view(cv, rec.g.dim())
                 res["weight"] = torch.ops.aten.convolution_backward(
                     gc, _pad_input(layer, rec.a), layer.weight, None, list(layer.stride), [0] * nd,
                     list(layer.dilation), False, [0] * nd, layer.groups, [False, True, False])[1]

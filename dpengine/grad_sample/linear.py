@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .registry import (JOINT, LayerHandler, NormMethod, OuterFactors, Record, fits, flatten_tokens, gram_norm_sq,
-                       register, row_sq, weighted_sum)
+from .registry import (JOINT, LayerHandler, NormMethod, OuterFactors, Record, factor_view, fits, flatten_tokens,
+                       gram_norm_sq, register, row_sq, weighted_sum)
 
 
 class _LinearLike(LayerHandler):
@@ -116,7 +116,7 @@ class _LinearLike(LayerHandler):
             # smaller of the two operands; a single token needs no token dimension at all
             if not rows and a.shape[1] == 1:
                 a, g, rows = a[:, 0], g[:, 0], True
-            col = cv.unsqueeze(1) if rows else cv.view(-1, 1, 1)
+            col = factor_view(cv, a.dim())
             if a.shape[-1] <= g.shape[-1]:
                 a2, g2 = _rows(a * col), _rows(g)
             else:

@@ -199,6 +199,23 @@ def weighted_sum(per_sample: Tensor, c: Tensor, out: Tensor | None = None) -> Te
     return done if two_d else done.view(per_sample.shape[1:])
 
 
+#: the last factors broadcast by ``factor_view``: (factors, {ndim: view}), replaced whole (thread-safe reads)
+_FACTOR_VIEWS: tuple[Tensor | None, dict[int, Tensor]] = (None, {})
+
+
+def factor_view(c: Tensor, ndim: int) -> Tensor:
+    """(B,) factors as (B, 1, ..., 1) with ``ndim`` dimensions, to scale a (B, ...) tensor. Every layer of a
+    clipping group is given the same factor tensor in one reduction, so the view is made once for all."""
+    global _FACTOR_VIEWS
+    last, views = _FACTOR_VIEWS
+    if last is not c:
+        views = {}
+        _FACTOR_VIEWS = (c, views)
+    if ndim not in views:
+        views[ndim] = c.view(-1, *([1] * (ndim - 1)))
+    return views[ndim]
+
+
 def fits(out: Tensor | None, dtype: torch.dtype) -> bool:
     """True when ``out`` (an offered destination) can take a result of ``dtype`` written in place."""
     return out is not None and out.dtype == dtype and out.is_contiguous()
