@@ -34,18 +34,24 @@ def _pad_input(layer: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
     return F.pad(x, pads) if any(pads) else x
 
 
+def _padded(layer: nn.modules.conv._ConvNd, rec: Record) -> Tensor:
+    """The captured input padded as the layer's forward pads it, once per record: the unfold, the
+    per-sample kernel and the clipped-sum kernel all read it."""
+    return rec.memo("padded", lambda: _pad_input(layer, rec.a))
+
+
 def unfold_nd(layer: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
-    """(B, C, *spatial) -> (B, G, C/G*K, L) patches per group; K = prod(kernel_size), L = prod(output
-    spatial), G = groups. 1-D and 2-D use ``F.unfold`` (im2col); 3-D strided windows, one copy."""
+    """(B, C, *spatial), already padded (``_pad_input``) -> (B G, C/G*K, L) patches per sample and group;
+    K = prod(kernel_size), L = prod(output spatial), G = groups. 1-D and 2-D use ``F.unfold`` (im2col); 3-D
+    strided windows, one copy."""
     nd = len(layer.kernel_size)
-    x = _pad_input(layer, x)
     b, c, gr = x.shape[0], x.shape[1], layer.groups
     if nd <= 2:
         if nd == 1:
             x = x.unsqueeze(2)
         k, d, s = ((1,) * (2 - nd) + tuple(v) for v in (layer.kernel_size, layer.dilation, layer.stride))
         cols = F.unfold(x, kernel_size=k, dilation=d, stride=s)  # (B, C*K, L), channel-major
-        return cols.view(b, gr, -1, cols.shape[-1])
+        return cols.view(b * gr, -1, cols.shape[-1])
     for i in range(nd):
         k, d, s = layer.kernel_size[i], layer.dilation[i], layer.stride[i]
         x = x.unfold(2 + i, d * (k - 1) + 1, s)  # appends a window dimension
@@ -54,7 +60,7 @@ def unfold_nd(layer: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
     # x: (B, C, L1..Ln, K1..Kn) -> (B, G, C/G, K1..Kn, L1..Ln)
     x = x.reshape(b, gr, c // gr, *x.shape[2:])
     perm = [0, 1, 2] + list(range(3 + nd, 3 + 2 * nd)) + list(range(3, 3 + nd))
-    return x.permute(perm).reshape(b, gr, c // gr * math.prod(layer.kernel_size), -1)
+    return x.permute(perm).reshape(b * gr, c // gr * math.prod(layer.kernel_size), -1)
 
 
 def _bias_rows(rec: Record) -> Tensor:
@@ -75,25 +81,26 @@ class ConvHandler(LayerHandler):
     has_gram = True
 
     def _ag(self, layer: nn.Module, rec: Record) -> tuple[Tensor, Tensor]:
-        """Unfolded input (B, G, C/G*K, L) and gradient (B, G, O/G, L); cached on the record."""
+        """Unfolded input (B G, C/G*K, L) and gradient (B G, O/G, L), one matrix per sample and group (3-D, so
+        the products are plain ``bmm``s); cached on the record."""
         if "ag" not in rec.extra:
             b, gr = rec.g.shape[0], layer.groups
-            g = rec.g.reshape(b, gr, layer.out_channels // gr, -1)
-            a = unfold_nd(layer, rec.a)
-            if a.shape[3] != g.shape[3]:
-                raise RuntimeError(f"internal: unfolded {a.shape[3]} positions but output has {g.shape[3]}")
+            g = rec.g.reshape(b * gr, layer.out_channels // gr, -1)
+            a = unfold_nd(layer, _padded(layer, rec))
+            if a.shape[2] != g.shape[2]:
+                raise RuntimeError(f"internal: unfolded {a.shape[2]} positions but output has {g.shape[2]}")
             rec.extra["ag"] = (a, g)
         return rec.extra["ag"]
 
     def _ps_im2col(self, layer: nn.Module, rec: Record) -> Tensor:
-        a, g = self._ag(layer, rec)
-        return torch.matmul(g, a.transpose(-1, -2)).reshape(g.shape[0], *layer.weight.shape)
+        a, g = self._ag(layer, rec)  # (B G, O/G, C/G K) per sample and group is (B, O, C/G, *kernel) in memory
+        return torch.bmm(g, a.transpose(1, 2)).view(rec.g.shape[0], *layer.weight.shape)
 
     @staticmethod
     def _ps_grouped(layer: nn.Module, rec: Record) -> Tensor:
         """Per-sample weight gradients from the backend's grouped weight-gradient kernel: the batch is
         folded into the channels (one sample per group), so no im2col copy is made."""
-        x = _pad_input(layer, rec.a)
+        x = _padded(layer, rec)
         b, nd = x.shape[0], len(layer.kernel_size)
         w = layer.weight
         w_shape = torch.empty((b * w.shape[0], *w.shape[1:]), device=w.device, dtype=rec.g.dtype)  # shape only
@@ -160,8 +167,9 @@ class ConvHandler(LayerHandler):
         if "weight" in names:
             if method is NormMethod.GRAM:
                 a, g = self._ag(layer, rec)
-                aa = a.transpose(-1, -2) @ a  # (B, G, L, L)
-                out["weight"] = (aa * (g.transpose(-1, -2) @ g)).sum((1, 2, 3))
+                aa = torch.bmm(a.transpose(1, 2), a)  # (B G, L, L)
+                per_group = (aa * torch.bmm(g.transpose(1, 2), g)).sum((1, 2))
+                out["weight"] = per_group if layer.groups == 1 else per_group.view(-1, layer.groups).sum(1)
             else:
                 ps = self._cached_per_sample(layer, rec, ["weight"])["weight"]
                 out["weight"] = row_sq(ps)
@@ -182,7 +190,7 @@ class ConvHandler(LayerHandler):
                 nd = len(layer.kernel_size)
                 gc = rec.g * factor_view(cv, rec.g.dim())
                 res["weight"] = torch.ops.aten.convolution_backward(
-                    gc, _pad_input(layer, rec.a), layer.weight, None, list(layer.stride), [0] * nd,
+                    gc, _padded(layer, rec), layer.weight, None, list(layer.stride), [0] * nd,
                     list(layer.dilation), False, [0] * nd, layer.groups, [False, True, False])[1]
         if "bias" in names:
             b, s = dst.get("bias"), _bias_rows(rec)  # (B, C_out)

@@ -112,19 +112,23 @@ class _LinearLike(LayerHandler):
         cv = c.to(g.dtype)
         res: dict[str, Tensor] = {}
         if "weight" in names:
-            # book-keeping: sum_i c_i g_i^T a_i is one GEMM once the factors are folded into the
-            # smaller of the two operands; a single token needs no token dimension at all
+            # book-keeping: sum_i c_i g_i^T a_i is one GEMM once the factors are folded into one operand: the
+            # smaller, or g when the bias is summed here too (its sum is then the column sum of the scaled g);
+            # a single token needs no token dimension at all
             if not rows and a.shape[1] == 1:
                 a, g, rows = a[:, 0], g[:, 0], True
             col = factor_view(cv, a.dim())
-            if a.shape[-1] <= g.shape[-1]:
+            if a.shape[-1] <= g.shape[-1] and "bias" not in names:
                 a2, g2 = _rows(a * col), _rows(g)
             else:
                 a2, g2 = _rows(a), _rows(g * col)
             left, right = (a2.t(), g2) if self.transposed else (g2.t(), a2)
             w = dst.get("weight")
             res["weight"] = torch.mm(left, right, out=w) if fits(w, left.dtype) else left @ right
-        if "bias" in names:
+            if "bias" in names:  # sum over samples and tokens of c_i g_it
+                b = dst.get("bias")
+                res["bias"] = torch.sum(g2, 0, out=b) if fits(b, g2.dtype) else g2.sum(0)
+        elif "bias" in names:
             b, s = dst.get("bias"), (g if g.dim() == 2 else _bias_rows(rec, g))  # (B, p)
             res["bias"] = torch.mv(s.t(), cv, out=b) if fits(b, s.dtype) else cv @ s
         return res
