@@ -53,9 +53,9 @@ max = 1.3
 """
 
 PER_CONFIG = {"step_time_s", "samples_per_s", "peak_mem_mb", "prestep_rss_mb", "baseline_rss_mb", "step_mem_mb",
-              "ops_per_step"}
+              "ops_per_step", "compute_ops_per_step"}
 VS_NP = {"time_ratio_vs_nonprivate", "mem_ratio_vs_nonprivate", "step_mem_ratio_vs_nonprivate",
-         "ops_ratio_vs_nonprivate"}
+         "ops_ratio_vs_nonprivate", "compute_ops_ratio_vs_nonprivate"}
 VS_OPACUS = {"time_ratio_vs_best_opacus", "mem_ratio_vs_best_opacus"}
 
 
@@ -187,6 +187,17 @@ def test_count_ops_counts_forward_and_backward() -> None:
     forward = worker.count_ops(lambda: model(x))
     both = worker.count_ops(lambda: model(x).sum().backward())
     assert 0 < forward < both
+
+
+def test_compute_ops_leave_out_exactly_the_views() -> None:
+    """A step of three views and two computing operators: 5 operators, 2 of them compute."""
+    x = torch.randn(4, 6)
+
+    def step() -> None:
+        y = x.view(6, 4).t().detach()  # three views
+        (y * 2).sum()  # two that compute
+    assert worker.count_ops(step) == 5
+    assert worker.count_compute_ops(step) == 2
 
 
 # ---------------------------------------------------------------- nothing measured is lost

@@ -85,11 +85,17 @@ def _model_label(s: dict[str, Any]) -> str:
 
 
 def _launches(m: dict[str, Any]) -> str:
-    """CUDA kernels per step where counted, else ATen operators, with the DP / non-private ratio."""
-    for key, ratio, unit in (("kernels_per_step", "kernels_ratio_vs_nonprivate", "kernels"),
-                             ("ops_per_step", "ops_ratio_vs_nonprivate", "ops")):
-        if key in m:
-            return f"{m[key][0]:.0f} {unit}" + (f" ({m[ratio][0]:.2f}×)" if ratio in m else "")
+    """CUDA kernels per step where counted, else ATen operators (and, after "/", those that are not views),
+    with the DP / non-private ratios."""
+    def one(key: str, ratio: str, unit: str) -> str:
+        return f"{m[key][0]:.0f} {unit}" + (f" ({m[ratio][0]:.2f}×)" if ratio in m else "")
+
+    if "kernels_per_step" in m:
+        return one("kernels_per_step", "kernels_ratio_vs_nonprivate", "kernels")
+    if "ops_per_step" in m:
+        return one("ops_per_step", "ops_ratio_vs_nonprivate", "ops") + (
+            " / " + one("compute_ops_per_step", "compute_ops_ratio_vs_nonprivate", "non-view")
+            if "compute_ops_per_step" in m else "")
     return "–"
 
 
@@ -274,12 +280,14 @@ RSS after importing torch, dpengine and Opacus, before the model is built; ident
 
 Precision (`--precision`, several allowed; default fp32): `fp32` (on CUDA with TF32 off), `tf32` (TF32
 matrix units on; the same as fp32 on CPU, which the row's note says), `bf16` (`torch.autocast` bf16 of the
-forward and loss, float32 parameters), `fp16` (autocast fp16 with `torch.amp.GradScaler`; not supported by
-the private modes, whose clipping would see scaled gradients: those rows say why). Ratios compare modes
-at the same precision. Launches per step come from one extra, untimed step after the timed ones: ATen
-operators dispatched (a `TorchDispatchMode` counter: forward, backward and optimizer, `ops_per_step`) and,
-on CUDA, kernels seen by `torch.profiler` (`kernels_per_step`); the table shows kernels where counted, else
-operators, with DP / non-private (`ops_ratio_vs_nonprivate`, `kernels_ratio_vs_nonprivate`).
+forward and loss, float32 parameters), `fp16` (autocast fp16: the non-private row with `torch.amp.GradScaler`,
+dpengine's with `make_private(..., loss_scale=2**12)`, a fixed scale, since a GradScaler is refused; Opacus
+and `fused` rows say why they cannot run it). Ratios compare modes at the same precision. Launches per step come from one extra, untimed step after the timed ones: ATen
+operators dispatched (a `TorchDispatchMode` counter: forward, backward and optimizer, `ops_per_step`; after
+"/", those that are not views, `compute_ops_per_step`: a view or `detach` launches no kernel on a device)
+and, on CUDA, kernels seen by `torch.profiler` (`kernels_per_step`); the table shows kernels where counted,
+else operators, with DP / non-private (`ops_ratio_vs_nonprivate`, `compute_ops_ratio_vs_nonprivate`,
+`kernels_ratio_vs_nonprivate`).
 
 Compilation (`--compile`, several allowed; suite key `compile`, default `eager`): `eager` (not compiled),
 `default` and `reduce-overhead` (`torch.compile(model, mode=..., dynamic=True)`, applied *after*

@@ -28,7 +28,8 @@ CSV_COLUMNS = ("timestamp", "commit", "device", "torch", "triton", "opacus", "su
                "precision", "compile", "clipping", "batch", "threads", "rounds", "metric", "median", "p20", "p80", "n", "status",
                "note")
 # per-step launch counts (worker key == metric) and their DP / non-private ratio metric
-COUNT_METRICS = {"ops_per_step": "ops_ratio_vs_nonprivate", "kernels_per_step": "kernels_ratio_vs_nonprivate"}
+COUNT_METRICS = {"ops_per_step": "ops_ratio_vs_nonprivate", "compute_ops_per_step": "compute_ops_ratio_vs_nonprivate",
+                 "kernels_per_step": "kernels_ratio_vs_nonprivate"}
 INTERRUPTED = "not run: interrupted"
 # per-round worker keys of compiled rows (torch.compile): warm-up wall time, compilation included, as
 # ``compile_s``; dynamo's graph and graph-break counts

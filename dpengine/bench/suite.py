@@ -45,7 +45,8 @@ from dpengine.bench.models import MODELS
 from dpengine.bench.worker import CLIPPING_VARIANTS, COMPILE_MODES, DPENGINE_MODES, MODES, PRECISIONS, known_mode
 
 RATIO_METRICS = ("time_ratio_vs_nonprivate", "mem_ratio_vs_nonprivate", "time_ratio_vs_best_opacus",
-                 "mem_ratio_vs_best_opacus", "ops_ratio_vs_nonprivate", "kernels_ratio_vs_nonprivate",
+                 "mem_ratio_vs_best_opacus", "ops_ratio_vs_nonprivate", "compute_ops_ratio_vs_nonprivate",
+                 "kernels_ratio_vs_nonprivate",
                  "time_ratio_vs_eager")
 
 

@@ -6,7 +6,8 @@ Keys: model, params, mode, batch, precision (fp32 | tf32 | bf16 | fp16, see :dat
 (eager | default | reduce-overhead, see :data:`COMPILE_MODES`), clipping, warmup, steps (at least),
 min_time_s (keep timing until this much step time is collected, up to max_steps), threads, device, seed,
 noise_multiplier, max_grad_norm. Output: {"status": "ok", "step_times": [...], "baseline_rss_mb",
-"prestep_rss_mb", "peak_mem_mb", "warmup_s", "ops_per_step", "kernels_per_step" (CUDA), "note", ...;
+"prestep_rss_mb", "peak_mem_mb", "warmup_s", "ops_per_step", "compute_ops_per_step", "kernels_per_step" (CUDA),
+"note", ...;
 compiled rows add "compiled_graphs", "graph_breaks"}
 or {"status": "error: ..." | "not supported: ..." | "skipped: ..."}; the process always exits 0 once it could print.
 
@@ -20,7 +21,8 @@ running as mode "default". Dynamo hitting its recompile limit (later frames then
 
 Launch counts come from one extra, untimed step after the timed ones (and after the peak memory is read):
 ``ops_per_step`` counts the ATen operators dispatched to a backend (a ``TorchDispatchMode`` counter: the
-forward, the backward and the optimizer step, after autocast and autograd), ``kernels_per_step`` the CUDA
+forward, the backward and the optimizer step, after autocast and autograd), ``compute_ops_per_step`` those of
+them that are not views (no kernel on a device), ``kernels_per_step`` the CUDA
 kernels ``torch.profiler`` saw in one more step (memcpy and memset excluded).
 
 Memory on CPU: ``baseline_rss_mb`` is the RSS after imports and before the model is built (what every
@@ -194,20 +196,28 @@ def _precision(precision: str, device: Any) -> tuple[Callable[[], AbstractContex
     return (lambda: torch.autocast(device.type, dtype=dtype)), scaler, ""
 
 
-def count_ops(step: Callable[[], None]) -> int:
-    """ATen operators dispatched by one ``step`` (forward, backward, optimizer), counted by a dispatch mode."""
+def count_ops(step: Callable[[], None], views: bool = True) -> int:
+    """ATen operators dispatched by one ``step`` (forward, backward, optimizer), counted by a dispatch mode;
+    without ``views``, only those that compute (an operator whose output aliases its input, a view or a
+    ``detach``, launches no kernel on a device)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Counter(TorchDispatchMode):
         n = 0
 
         def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-            self.n += 1
+            if views or not func.is_view:
+                self.n += 1
             return func(*args, **(kwargs or {}))
 
     with Counter() as counter:
         step()
     return counter.n
+
+
+def count_compute_ops(step: Callable[[], None]) -> int:
+    """``count_ops`` without views: the operators of one ``step`` that compute."""
+    return count_ops(step, views=False)
 
 
 def count_cuda_kernels(step: Callable[[], None]) -> int:
@@ -387,7 +397,8 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     # launch counts: extra untimed steps, after the timing and the peak memory (a count never fails the row)
     # ATen operators are not counted under compile: inductor's generated kernels are not ATen operators, so
     # the count would not be comparable with eager (CUDA kernels, from the profiler, are)
-    counters = ([("ops_per_step", count_ops)] if compile_mode == "eager" else []) \
+    counters = ([("ops_per_step", count_ops), ("compute_ops_per_step", count_compute_ops)]
+                if compile_mode == "eager" else []) \
         + ([("kernels_per_step", count_cuda_kernels)] if cuda else [])
     for key, counter in counters:
         try:
