@@ -10,8 +10,10 @@ Messages are matched on one distinctive word, not their whole text.
 from __future__ import annotations
 
 import copy
+import gc
 import re
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -714,3 +716,31 @@ def test_bf16_release_of_one_outlier_is_clipped_in_float32(mode, C):
     norm = float(torch.cat([t.flatten() for t in seen[0].values()]).norm())
     assert norm <= C * (1 + 1e-3), f"released {norm / C:.5f} C"
     assert norm >= C * (1 - 1e-3)  # the outlier is clipped to C, not below
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_captured_inputs_do_not_outlive_their_graph(mode):
+    """The capture keeps a layer's inputs themselves (not detached aliases): a training step frees them by
+    the end of its backward, and a forward that is never backpropagated frees them with its output. With
+    the garbage collector off, only reference counting frees anything, so a reference cycle through a
+    record, a hook and the graph would keep the activations alive and fail this."""
+    torch.manual_seed(0)
+    ds = TensorDataset(torch.randn(8, 6, dtype=F64), torch.randn(8, 3, dtype=F64))
+    _, model, opt, dl = private(mlp(), ds, mode=mode, poisson_sampling=False)
+    seen: list[weakref.ref] = []
+    hook = model.body[2].register_forward_hook(lambda m, args, out: seen.append(weakref.ref(args[0])))
+    gc.collect()
+    gc.disable()
+    try:
+        x, y = next(iter(dl))
+        sum_mse(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        assert len(seen) == 1 and seen[0]() is None
+        out = model(x)  # never backpropagated
+        assert seen[1]() is not None
+        del out
+        assert seen[1]() is None
+    finally:
+        gc.enable()
+        hook.remove()
