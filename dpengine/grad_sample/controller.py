@@ -37,7 +37,7 @@ from ..clipping import ClippingPolicy
 from . import fused
 from .functorch import FALLBACK
 from .precision import exact_fp32
-from .ledger import BatchLedger, SumBuckets, nonfinite_flag, sum_dtype
+from .ledger import BatchLedger, accumulate, nonfinite_flag, sum_dtype
 from .rows import RowPack, accumulate_pieces
 from .registry import (JOINT, LayerHandler, NormMethod, PerSampleGradientError, Record, cross_term, direct_trainable,
                        find_handler, row_sq, weighted_sum)
@@ -421,23 +421,6 @@ class _OneGroup(ClippingPolicy):
 
     def factors(self, norms: Tensor) -> Tensor:
         return self.fn(norms[0]).unsqueeze(0)
-
-
-def _accumulate(into: dict[nn.Parameter, Tensor], p: nn.Parameter, t: Tensor,
-                buckets: SumBuckets | None = None) -> None:
-    """``into[p] += t`` in the sum dtype; a first contribution goes into ``p``'s bucket slot if it has one
-    (already there when a handler wrote it into the slot it was offered)."""
-    if p in into:
-        into[p].add_(t)
-        return
-    dtype = sum_dtype(p.dtype)
-    slot = buckets.slot(p, dtype) if buckets is not None else None
-    if slot is None:
-        into[p] = t.to(dtype)
-    elif t.data_ptr() == slot.data_ptr() and t.shape == slot.shape and t.dtype == dtype:
-        into[p] = t  # written in place by the handler
-    else:
-        into[p] = slot.copy_(t)
 
 
 def _totals(terms: list[list[Tensor]], batch: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -978,7 +961,7 @@ class GradSampleController(BatchLedger):
             return None
         sq, sums = done
         for p, t in sums.items():
-            _accumulate(self._staged, p, t)
+            accumulate(self._staged, p, t)
         return sq
 
     def _reduce(self, pending: list[tuple[TrackedLayer, Record]]) -> None:
@@ -991,13 +974,13 @@ class GradSampleController(BatchLedger):
             self._check_record(tl, rec)
         for into, part, buckets in ((self._summed, staged, self.sum_buckets), (self._unclipped, staged_u, None)):
             for p, t in part.items():
-                _accumulate(into, p, t, buckets)
+                accumulate(into, p, t, buckets)
         if batch == 0:  # an empty Poisson batch: nothing to clip, the step still adds noise
             self._note_last(torch.zeros(self.policy.num_groups, 0), 1.0)
             for tl, _ in pending:
                 for p in tl.params:
                     if p not in self._summed:
-                        _accumulate(self._summed, p, torch.zeros_like(p, dtype=sum_dtype(p.dtype)), self.sum_buckets)
+                        accumulate(self._summed, p, torch.zeros_like(p, dtype=sum_dtype(p.dtype)), self.sum_buckets)
             self.batches_accumulated += 1
             return
         sq = self._norms_and_sums(pending, batch, self._summed, self._unclipped) if pending else None
@@ -1073,14 +1056,14 @@ class GradSampleController(BatchLedger):
         for tl, rec, names, covered, _ in direct.values():
             if not names:
                 continue
-            ks = {group(tl.params[tl.names.index(n)]) for n in names}
-            kw = {"joint": True} if tl.handler.joint_norms and len(names) > 1 and len(ks) == 1 else {}
+            joint = self._joint_group(tl, names)
+            kw = {"joint": True} if joint is not None else {}
             got = tl.handler.norm_sq(tl.module, rec, names, self._method(tl, rec), **kw)
             if JOINT not in got and any(n not in got for n in covered):
                 raise RuntimeError(f"internal: {type(tl.handler).__name__}.norm_sq left out the norm of a "
                                    "parameter it said its joint norm covers (row_params)")
             for n, t in got.items():
-                terms[ks.pop() if n == JOINT else group(tl.params[tl.names.index(n)])].append(t)
+                terms[joint if n == JOINT else group(tl.params[tl.names.index(n)])].append(t)
         for (k, _, _), pack in packs.items():
             t = pack.norm_sq()
             if t is not None:
@@ -1101,6 +1084,14 @@ class GradSampleController(BatchLedger):
             self._weighted_sums(direct, materialized, packs, ones, into_unclipped)
         return sq
 
+    def _joint_group(self, tl: TrackedLayer, names: list[str]) -> int | None:
+        """The clipping group of ``names`` when the handler may return their joint norm (``joint_norms``:
+        several names, all in one group), else None."""
+        if not tl.handler.joint_norms or len(names) < 2:
+            return None
+        ks = {self.policy.group(tl.params[tl.names.index(n)]) for n in names}
+        return ks.pop() if len(ks) == 1 else None
+
     def _pack_rows(self, direct: dict[tuple[int, int], tuple[TrackedLayer, Record, list[str]]], batch: int
                    ) -> tuple[dict[tuple[int, int], _Calls], dict[tuple[int, torch.dtype, torch.device], RowPack]]:
         """Collect the parameters whose per-sample rows the handlers form anyway (``row_params``) into one
@@ -1110,8 +1101,7 @@ class GradSampleController(BatchLedger):
         candidates: dict[tuple[int, torch.dtype, torch.device], RowPack] = {}
         if self.mode is not GradSampleMode.HOOKS:  # the reference path materializes every parameter alone
             for tl, rec, names in direct.values():
-                ks = {group(tl.params[tl.names.index(n)]) for n in names}
-                joint = tl.handler.joint_norms and len(names) > 1 and len(ks) == 1
+                joint = self._joint_group(tl, names) is not None
                 for n, norm in tl.handler.row_params(tl.module, rec, names, self._method(tl, rec), joint).items():
                     p = tl.params[tl.names.index(n)]
                     candidates.setdefault((group(p), rec.g.dtype, rec.g.device), RowPack()).add(tl, rec, n, p, norm)
@@ -1151,10 +1141,10 @@ class GradSampleController(BatchLedger):
                         if slot is not None:
                             out[n] = slot
                 for n, t in tl.handler.clipped_sum(tl.module, rec, ns, rows[k], out=out or None).items():
-                    _accumulate(into, tl.params[tl.names.index(n)], t, buckets)
+                    accumulate(into, tl.params[tl.names.index(n)], t, buckets)
         for p, ps in materialized.items():
             slot = None if buckets is None or p in into else buckets.slot(p, sum_dtype(p.dtype))
-            _accumulate(into, p, weighted_sum(ps, rows[group(p)], out=slot), buckets)
+            accumulate(into, p, weighted_sum(ps, rows[group(p)], out=slot), buckets)
 
     def _check_no_leak(self) -> None:
         for tl in self.layers:

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from .ledger import sum_dtype
-from .linear import GPT2Conv1DHandler, LinearHandler, _LinearLike, _token_sum
+from .linear import GPT2Conv1DHandler, LinearHandler, _LinearLike, _positions, _token_sum
 from .registry import LayerHandler, NormMethod, OuterFactors, PerSampleGradientError, Record, flatten_tokens, row_sq
 
 
@@ -108,8 +108,7 @@ class _FusedLinearLike(_LinearLike):
     def prefers_gram(self, layer: nn.Module, rec: Record) -> bool:
         # Neither kernel writes anything per sample, so memory no longer decides: FLOPs do. Per sample the
         # Gram form costs T^2 (d + p), the materialized form T p d.
-        t = rec.a.numel() // max(rec.a.shape[0], 1) // rec.a.shape[-1]
-        p, d = rec.g.shape[-1], rec.a.shape[-1]
+        t, p, d = _positions(rec), rec.g.shape[-1], rec.a.shape[-1]
         return t * (p + d) < p * d
 
     def per_sample(self, layer: nn.Module, rec: Record, names: list[str]) -> dict[str, Tensor]:

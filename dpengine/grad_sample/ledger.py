@@ -31,6 +31,27 @@ def sum_dtype(dtype: torch.dtype) -> torch.dtype:
     return _WIDEN.get(dtype, dtype)
 
 
+def accumulate(into: dict[nn.Parameter, Tensor], p: nn.Parameter, t: Tensor, buckets: SumBuckets | None = None,
+               deferred: list[tuple[Tensor, Tensor]] | None = None) -> None:
+    """``into[p] += t`` in the sum dtype; a first contribution goes into ``p``'s bucket slot if it has one
+    (already there when a handler wrote it into the slot it was offered). With ``deferred``, a copy into a
+    slot is appended there as (slot, t) instead, for the caller to do all at once."""
+    if p in into:
+        into[p].add_(t)
+        return
+    dtype = sum_dtype(p.dtype)
+    slot = buckets.slot(p, dtype) if buckets is not None else None
+    if slot is None:
+        into[p] = t.to(dtype)
+    elif t.data_ptr() == slot.data_ptr() and t.shape == slot.shape and t.dtype == dtype:
+        into[p] = t  # written in place by the handler
+    elif deferred is not None:
+        into[p] = slot
+        deferred.append((slot, t))
+    else:
+        into[p] = slot.copy_(t)
+
+
 class SumBuckets:
     """Clipped sums as views into one flat buffer per (device, dtype), laid out in a fixed parameter order
     (the optimizer's): the private step then noises, checks, masks and all-reduces each buffer whole, with

@@ -39,7 +39,7 @@ class _LinearLike(LayerHandler):
                    joint: bool) -> dict[str, bool]:
         if "bias" not in names:
             return {}
-        one_token = rec.a.dim() == 2 or rec.a.numel() == rec.a.shape[0] * rec.a.shape[-1]
+        one_token = _positions(rec) == 1
         # norm_sq's joint forms (one token, or the Gram form) include the bias norm
         return {"bias": not (joint and "weight" in names and (one_token or method is NormMethod.GRAM))}
 
@@ -51,13 +51,11 @@ class _LinearLike(LayerHandler):
             torch.sum(flatten_tokens(g), 1, out=out["bias"])
 
     def prefers_gram(self, layer: nn.Module, rec: Record) -> bool:
-        t = rec.a.numel() // max(rec.a.shape[0], 1) // rec.a.shape[-1]
-        p, d = rec.g.shape[-1], rec.a.shape[-1]
+        t, p, d = _positions(rec), rec.g.shape[-1], rec.a.shape[-1]
         return 2 * t * t < p * d  # Gram matrices smaller than the per-sample gradient (fastDP's rule)
 
     def gram_flop_ratio(self, layer: nn.Module, rec: Record) -> float | None:
-        t = rec.a.numel() // max(rec.a.shape[0], 1) // rec.a.shape[-1]
-        p, d = rec.g.shape[-1], rec.a.shape[-1]
+        t, p, d = _positions(rec), rec.g.shape[-1], rec.a.shape[-1]
         return t * (d + p) / (p * d)
 
     def norm_sq(self, layer: nn.Module, rec: Record, names: list[str], method: NormMethod,
@@ -143,6 +141,11 @@ def _one(x: Tensor) -> Tensor:
     if key not in _ONES:
         _ONES[key] = torch.ones((), dtype=x.dtype, device=x.device)
     return _ONES[key]
+
+
+def _positions(rec: Record) -> int:
+    """Tokens per sample: the product of the input's dimensions between the batch and the features."""
+    return rec.a.numel() // max(rec.a.shape[0], 1) // rec.a.shape[-1]
 
 
 def _rows(x: Tensor) -> Tensor:

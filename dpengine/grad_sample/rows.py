@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .ledger import SumBuckets, sum_dtype
+from .ledger import SumBuckets, accumulate
 from .registry import Record
 
 #: A pack costs about 9 operators (allocation, two splits, a slice, the norm reduction, the product and one
@@ -81,21 +81,10 @@ class RowPack:
 
 def accumulate_pieces(into: dict[nn.Parameter, Tensor], pieces: list[tuple[nn.Parameter, Tensor]],
                       buckets: SumBuckets | None) -> None:
-    """``into[p] += piece`` for flat pieces; first contributions are copied into their bucket slots with one
-    multi-tensor copy (a parameter without a slot keeps a view of the piece)."""
-    dst: list[Tensor] = []
-    src: list[Tensor] = []
+    """``into[p] += piece`` for flat pieces (``ledger.accumulate``), the copies of first contributions into
+    their bucket slots done by one multi-tensor copy."""
+    deferred: list[tuple[Tensor, Tensor]] = []
     for p, t in pieces:
-        if p in into:  # a later backward of the same step (virtual steps)
-            into[p].add_(t.view(into[p].shape))
-            continue
-        dtype = sum_dtype(p.dtype)
-        slot = buckets.slot(p, dtype) if buckets is not None else None
-        if slot is None:
-            into[p] = t.view(p.shape).to(dtype)
-        else:
-            into[p] = slot
-            dst.append(slot if slot.dim() == 1 else slot.view(-1))
-            src.append(t)
-    if dst:
-        torch._foreach_copy_(dst, src)
+        accumulate(into, p, t if p.dim() == 1 else t.view(p.shape), buckets, deferred)
+    if deferred:
+        torch._foreach_copy_([slot for slot, _ in deferred], [t for _, t in deferred])
