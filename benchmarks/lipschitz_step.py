@@ -6,7 +6,7 @@ each step, so the ratio is the cost of privacy alone (the moved gradient, the co
 """
 import json
 import sys
-import time, statistics, torch, copy
+import time, statistics, torch
 from torch.utils.data import DataLoader, TensorDataset
 from dpengine import PrivacyEngine
 from dpengine.lipschitz import GroupSort, InputNormClip, SpectralLinear, TemperatureCrossEntropy, attach_projection

@@ -11,7 +11,6 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 from scipy import stats
 

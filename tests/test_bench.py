@@ -534,9 +534,9 @@ def test_results_without_compile_setting_still_load(tmp_path: Path) -> None:
     assert [(r["model"], r["precision"], r["compile"]) for r in rows] == [("old", "bf16", "eager"),
                                                                          ("new", "fp32", "default")]
     # an older raw run (results.jsonl / results.json): configurations without a "compile" key are eager
-    raw = run_suite(parse_suite(TWO), progress=False, accounting=False,
-                    runner=lambda cfg: _ok(0.01 if cfg["mode"] == "nonprivate" else 0.02),
-                    jsonl=tmp_path / "r.jsonl")
+    run_suite(parse_suite(TWO), progress=False, accounting=False,
+              runner=lambda cfg: _ok(0.01 if cfg["mode"] == "nonprivate" else 0.02),
+              jsonl=tmp_path / "r.jsonl")
     lines = []
     for line in (tmp_path / "r.jsonl").read_text().splitlines():
         e = json.loads(line)

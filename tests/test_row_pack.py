@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from dpengine import PrivacyEngine, VirtualSteps
 from dpengine.grad_sample import rows
-from test_clipping_modes import TOL, PerLayerOracle, _both_sides, run_against_oracle
+from test_clipping_modes import PerLayerOracle, _both_sides, run_against_oracle
 
 F64 = torch.float64
 
