@@ -23,7 +23,7 @@ from .linear_norms import gram_norm_sq, materialized_norm_sq
 
 
 def fused_clip(x: torch.Tensor, y: torch.Tensor, *, gram: bool, clip: float, scale: float = 1.0,
-               mult: float = 1.0, extra_sq: torch.Tensor | None = None,
+               mult: float = 1.0, extra_sq: torch.Tensor | None = None, pad: float = 0.0,
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One layer's per-sample norms, clipping factors and clipped sum ``sum_i c_i x_i^T y_i``.
 
@@ -34,6 +34,8 @@ def fused_clip(x: torch.Tensor, y: torch.Tensor, *, gram: bool, clip: float, sca
         scale: the norm of sample i is ``sqrt(sq_i) * scale`` (the batch size for a mean-reduced loss).
         mult: every factor is multiplied by it (mean-reduction scale times the output scale).
         extra_sq: (B,) squared norms of the rest of the clipping group (the layer's bias), or None.
+        pad: the Gram form's underflow pad (``linear_norms.gram_norm_sq``); the materialized form needs none
+            (it squares the per-sample gradient's own entries, whose underflow loses only a negligible amount).
 
     Returns:
         ``sq`` (B,) squared norms of x_i^T y_i plus ``extra_sq``; ``c`` (B,) the factors used; ``sum``
@@ -41,8 +43,8 @@ def fused_clip(x: torch.Tensor, y: torch.Tensor, *, gram: bool, clip: float, sca
     """
     if clip <= 0:
         raise ValueError(f"Expected clip > 0. Found {clip}.")
-    norm = gram_norm_sq if gram else materialized_norm_sq
-    sq = norm(y, x)  # (a, g) in the norm's naming; ||x^T y|| is symmetric in the roles
+    # (a, g) in the norm's naming; ||x^T y|| is symmetric in the roles
+    sq = gram_norm_sq(y, x, pad) if gram else materialized_norm_sq(y, x)
     if extra_sq is not None:
         sq = sq + extra_sq.to(sq.dtype)
     total = _launch(x, y, None, sq, clip=clip, scale=scale, mult=mult)

@@ -32,7 +32,7 @@ from ._common import check_operands, configs, dot_args
          for bt, bk, w, s in ((64, 64, 4, 3), (64, 128, 8, 3), (128, 64, 8, 3), (128, 32, 4, 4), (64, 32, 4, 4))]),
     key=["T", "D", "P"], reset_to_zero=["out_ptr"])
 @triton.jit
-def _gram_norm_kernel(a_ptr, g_ptr, out_ptr, T, D, P,
+def _gram_norm_kernel(a_ptr, g_ptr, out_ptr, T, D, P, PAD,
                       s_ab, s_at, s_ad, s_gb, s_gt, s_gp,
                       BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
                       ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
@@ -64,17 +64,22 @@ def _gram_norm_kernel(a_ptr, g_ptr, out_ptr, T, D, P,
         if UPCAST:
             x, y = x.to(ACC), y.to(ACC)
         gg = tl.dot(x, y, gg, input_precision=PREC)
+    diag = (ti[:, None] == tj[None, :]) & mi[:, None]  # on diagonal tiles only: the underflow pad
+    aa = tl.where(diag, aa + PAD, aa)
+    gg = tl.where(diag, gg + PAD, gg)
     part = tl.sum(tl.sum(aa * gg, axis=1), axis=0)
     weight = 2 - (pid_i == pid_j).to(tl.int32)  # off-diagonal tiles stand for themselves and their transpose
     tl.atomic_add(out_ptr + b, part * weight.to(ACC))
 
 
-def gram_norm_sq(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """(B,) ``sum_{t,s} (a_t . a_s)(g_t . g_s)`` per sample.
+def gram_norm_sq(a: torch.Tensor, g: torch.Tensor, pad: float = 0.0) -> torch.Tensor:
+    """(B,) ``sum_{t,s} (a_t . a_s + pad [t = s])(g_t . g_s + pad [t = s])`` per sample.
 
     Args:
         a: (B, T, d) layer inputs.
         g: (B, T, p) output gradients, same dtype as ``a`` (fp16, bf16, fp32 or fp64).
+        pad: added to both Grams' diagonals, so that underflow in them cannot make the norm smaller than
+            the true one (the caller's ``dpengine.grad_sample.registry.underflow_pad``).
 
     Returns:
         (B,) squared per-sample weight-gradient norms, fp32 (fp64 for fp64 inputs).
@@ -87,15 +92,16 @@ def gram_norm_sq(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     if B == 0 or T == 0:
         return out
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_T"]), triton.cdiv(T, meta["BLOCK_T"]), B)  # noqa: E731
-    _gram_norm_kernel[grid](a, g, out, T, D, P, *a.stride(), *g.stride(), **args)
+    _gram_norm_kernel[grid](a, g, out, T, D, P, float(pad), *a.stride(), *g.stride(), **args)
     return out
 
 
-def gram_norm_sq_reference(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def gram_norm_sq_reference(a: torch.Tensor, g: torch.Tensor, pad: float = 0.0) -> torch.Tensor:
     """Plain-torch reference of ``gram_norm_sq`` (in the accumulation dtype)."""
     acc = torch.float64 if a.dtype == torch.float64 else torch.float32
     a, g = a.to(acc), g.to(acc)
-    return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+    eye = torch.eye(a.shape[1], dtype=acc, device=a.device) * pad
+    return ((torch.bmm(a, a.transpose(1, 2)) + eye) * (torch.bmm(g, g.transpose(1, 2)) + eye)).sum((1, 2))
 
 
 # ----------------------------------------------------------------------------------- materialized form

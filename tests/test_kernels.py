@@ -66,6 +66,28 @@ def test_materialized_norm_matches_reference(shape, dtype):
         assert float(got[1]) == 0.0
 
 
+@pytest.mark.parametrize("t", [3, 41])  # one diagonal tile; several (off-diagonal tiles carry no pad)
+def test_gram_kernel_pad_keeps_an_underflowing_factor_from_reading_zero(t):
+    # a huge input token and a tiny gradient: g g^T underflows in float32 while the true norm is 1e-4-ish
+    from dpengine.grad_sample.registry import underflow_pad
+
+    a = torch.zeros(2, t, 17)
+    a[:, 0, 0] = 1e19
+    g = torch.full((2, t, 9), 1e-23)
+    g[1] = torch.randn(t, 9)  # an ordinary sample next to it: its norm is not changed by the pad
+    a[1] = torch.randn(t, 17)
+    a, g = a.to(DEVICE), g.to(DEVICE)
+    pad = underflow_pad(a.dtype, t, 17)
+    true = torch.einsum("btp,btd->bpd", g.cpu().double(), a.cpu().double()).reshape(2, -1).pow(2).sum(1)
+    assert float(ln.gram_norm_sq(a, g)[0]) < 1e-3 * float(true[0])  # unpadded: the norm reads (nearly) 0
+    got = ln.gram_norm_sq(a, g, pad)
+    _close(got, ln.gram_norm_sq_reference(a, g, pad), torch.float32)
+    assert float(got[0]) >= float(true[0])
+    assert abs(float(got[1]) - float(true[1])) <= 1e-5 * float(true[1])
+    sq, c, _ = fc.fused_clip(g, a, gram=True, clip=1e-5, pad=pad)
+    assert float(c[0]) * float(true[0]) ** 0.5 <= 1e-5 * (1 + 1e-5)  # the record's release stays <= C
+
+
 def test_two_norm_forms_agree_with_materialized_einsum_in_float64():
     a, g = _operands((3, 13, 67, 123), torch.float64)
     ps = torch.einsum("btp,btd->bpd", g.cpu(), a.cpu())

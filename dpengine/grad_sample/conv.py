@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .registry import LayerHandler, NormMethod, Record, factor_view, fits, register, row_sq, weighted_sum
+from .registry import (LayerHandler, NormMethod, Record, factor_view, fits, gram, register, row_sq, underflow_pad,
+                       weighted_sum)
 
 
 def _pad_input(layer: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
@@ -167,8 +168,9 @@ class ConvHandler(LayerHandler):
         if "weight" in names:
             if method is NormMethod.GRAM:
                 a, g = self._ag(layer, rec)
-                aa = torch.bmm(a.transpose(1, 2), a)  # (B G, L, L)
-                per_group = (aa * torch.bmm(g.transpose(1, 2), g)).sum((1, 2))
+                # (B G, L, L) Grams, padded against underflow (registry.underflow_pad)
+                pad = underflow_pad(a.dtype, a.shape[2], max(a.shape[1], g.shape[1]))
+                per_group = (gram(a.transpose(1, 2), a, pad) * gram(g.transpose(1, 2), g, pad)).sum((1, 2))
                 out["weight"] = per_group if layer.groups == 1 else per_group.view(-1, layer.groups).sum(1)
             else:
                 ps = self._cached_per_sample(layer, rec, ["weight"])["weight"]

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from .registry import (JOINT, LayerHandler, NormMethod, OuterFactors, Record, factor_view, fits, flatten_tokens,
-                       gram_norm_sq, register, row_sq, weighted_sum)
+                       gram, gram_norm_sq, rank_one_norm_sq, register, row_sq, underflow_pad, weighted_sum)
 
 
 class _LinearLike(LayerHandler):
@@ -68,9 +68,11 @@ class _LinearLike(LayerHandler):
         out: dict[str, Tensor] = {}
         if joint and "bias" in names and "weight" in names and method is NormMethod.GRAM:
             # weight and bias in one group: ||G_i||^2 + ||b_i||^2 = sum_{t,s} (a_t . a_s + 1)(g_t . g_s), since
-            # the bias gradient sum_t g_t has squared norm sum_{t,s} g_t . g_s
-            aa = torch.baddbmm(_one(a), a, a.transpose(1, 2))
-            return {JOINT: (aa * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))}
+            # the bias gradient sum_t g_t has squared norm sum_{t,s} g_t . g_s (both Grams padded against
+            # underflow, registry.underflow_pad)
+            pad = underflow_pad(a.dtype, a.shape[1], max(a.shape[2], g.shape[2]))
+            aa = gram(a, a.transpose(1, 2), pad, plus_one=True)
+            return {JOINT: (aa * gram(g, g.transpose(1, 2), pad)).sum((1, 2))}
         if "weight" in names and method is NormMethod.MATERIALIZE:
             # Materialized once; the clipped sum is then a weighted sum of these (no second GEMM), and
             # the captured a and g are released: the per-sample gradients take their place.
@@ -86,17 +88,18 @@ class _LinearLike(LayerHandler):
     @staticmethod
     def _norm_sq_rows(rec: Record, names: list[str], joint: bool, a: Tensor | None = None,
                       g: Tensor | None = None) -> dict[str, Tensor]:
-        """One token per sample, (B, d) and (B, p): ||g a^T|| = ||g|| ||a||, and the bias gradient is g."""
+        """One token per sample, (B, d) and (B, p): ||g a^T|| = ||g|| ||a||, and the bias gradient is g (the
+        factors padded against underflow, ``registry.underflow_pad``)."""
         a = rec.a if a is None else a
         g = rec.g if g is None else g
-        gg = row_sq(g)
         if joint and "bias" in names and "weight" in names:
-            return {JOINT: gg * (row_sq(a) + 1)}
+            pad = underflow_pad(a.dtype, 1, max(a.shape[-1], g.shape[-1]))
+            return {JOINT: (row_sq(g) + pad) * (row_sq(a) + 1)}  # the 1 dwarfs a's own pad
         out: dict[str, Tensor] = {}
         if "weight" in names:
-            out["weight"] = row_sq(a) * gg
+            out["weight"] = rank_one_norm_sq(a, g)
         if "bias" in names:
-            out["bias"] = gg
+            out["bias"] = row_sq(g)
         return out
 
     def clipped_sum(self, layer: nn.Module, rec: Record, names: list[str], c: Tensor,
@@ -130,17 +133,6 @@ class _LinearLike(LayerHandler):
             b, s = dst.get("bias"), (g if g.dim() == 2 else _bias_rows(rec, g))  # (B, p)
             res["bias"] = torch.mv(s.t(), cv, out=b) if fits(b, s.dtype) else cv @ s
         return res
-
-
-_ONES: dict[tuple[torch.dtype, torch.device], Tensor] = {}
-
-
-def _one(x: Tensor) -> Tensor:
-    """A cached 0-dim one of ``x``'s dtype and device (the broadcast ``input`` of a baddbmm)."""
-    key = (x.dtype, x.device)
-    if key not in _ONES:
-        _ONES[key] = torch.ones((), dtype=x.dtype, device=x.device)
-    return _ONES[key]
 
 
 def _positions(rec: Record) -> int:

@@ -19,6 +19,8 @@ mean reduction by scaling (it multiplies norms and factors by the batch size, ne
 from __future__ import annotations
 
 import enum
+import functools
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -92,8 +94,28 @@ def _left_dot(u: OuterFactors, v: OuterFactors) -> Tensor:
 
 
 def cross_term(u: OuterFactors, v: OuterFactors) -> Tensor:
-    """(B,) per-sample inner products <G_u, G_v> = sum_{t,s} (left_u.left_v)(right_u.right_v)."""
-    return (_left_dot(u, v) * torch.bmm(u.right, v.right.transpose(1, 2))).sum((1, 2))
+    """(B,) per-sample inner products <G_u, G_v> = sum_{t,s} (left_u.left_v)(right_u.right_v), plus a bound on
+    what underflow in the two products can have lost (see ``underflow_pad``), so that the squared norm they
+    enter (``||G_u + G_v||^2 = ... + 2 <G_u, G_v>``) is never under-stated by it. The bound, for product
+    entries computed with an absolute error of at most ``eps`` each, is ``eps (r sum|R| + c sum|L|)`` (r, c:
+    the contracted widths), with ``sum_{t,s} |L_ts| <= sqrt(T_u T_v tr L_u tr L_v)``; one-hot (indexed) rows
+    have ``tr L = T`` and are multiplied exactly."""
+    inner = (_left_dot(u, v) * torch.bmm(u.right, v.right.transpose(1, 2))).sum((1, 2))
+    t_u, t_v = u.right.shape[1], v.right.shape[1]
+    width = max(u.right.shape[2], 1 if u.indexed else u.left.shape[2])
+    pad = underflow_pad(u.right.dtype, math.sqrt(t_u * t_v), width)
+    if pad == 0.0:
+        return inner
+
+    def root_tr(f: OuterFactors, side: str) -> Tensor | float:
+        if side == "left" and f.indexed:
+            return math.sqrt(f.right.shape[1])
+        return row_sq(getattr(f, side)).sqrt()
+
+    slack = root_tr(u, "left") * root_tr(v, "left")  # for the rights' products
+    if not (u.indexed or v.indexed):  # dense lefts are multiplied too
+        slack = slack + root_tr(u, "right") * root_tr(v, "right")
+    return inner + pad * (slack + pad)
 
 
 class LayerHandler:
@@ -282,5 +304,55 @@ def gram_norm_sq(a: Tensor, g: Tensor) -> Tensor:
         (B,) squared norms, sum_{t,s} (a_t . a_s)(g_t . g_s)  (Li et al. 2022, "ghost clipping").
     """
     if a.shape[1] == 1:
+        return rank_one_norm_sq(a, g)
+    pad = underflow_pad(a.dtype, a.shape[1], max(a.shape[2], g.shape[2]))
+    return (gram(a, a.transpose(1, 2), pad) * gram(g, g.transpose(1, 2), pad)).sum((1, 2))
+
+
+def underflow_pad(dtype: torch.dtype, positions: float, width: int) -> float:
+    """What a factored norm adds so that underflow can never make it smaller than the true norm.
+
+    A Gram-form norm ``sum_{t,s} A_ts G_ts`` (``A = a a^T``, ``G = g g^T``, contracted over widths d and p)
+    multiplies the squares of two factors. Each product of two entries that falls below the dtype's smallest
+    normal number (``tiny``; 2^-126 in float32) is rounded to a subnormal or flushed to zero, an absolute error
+    below ``tiny``. Alone that is harmless (a per-sample gradient made of such values is tiny), but a factor
+    can be huge while the other underflows: ``a`` near 1e19 and ``g`` near 1e-23 have an ordinary product,
+    yet ``g g^T`` reads 0 in float32, the norm reads 0, and the sample would be released unclipped. With
+    ``|dA_ts| <= d eps``, ``|dG_ts| <= p eps`` and ``sum_{t,s} |G_ts| <= T tr G``, the lost amount is at most
+    ``eps T (d tr G + p tr A) + eps^2 T^3 d p``, which is exactly what adding ``pad = eps T max(d, p)`` to both
+    diagonals adds (``sum (A + pad I)(G + pad I) = sum A G + pad (tr A + tr G) + pad^2 T``).
+
+    ``eps`` is 4 ``tiny`` (margin for the pad's own rounding) and the width is rounded up to a power of two of
+    at least 2^20, so one pad serves every layer with as many positions. A pad is far below anything an
+    ordinary diagonal holds (float32, T = 1024: about 5e-29), so a norm that did not underflow is unchanged
+    (it is absorbed by rounding). Zero for float64 inputs and below, where nothing of this size matters."""
+    if dtype == torch.float64:
+        return 0.0
+    tiny = torch.finfo(torch.float32).tiny  # 16-bit operands are promoted to float32 for the norms
+    return 4.0 * tiny * positions * 2.0 ** max(20, math.ceil(math.log2(max(width, 1))))
+
+
+def rank_one_norm_sq(a: Tensor, g: Tensor) -> Tensor:
+    """||g a^T||_F^2 = ||a||^2 ||g||^2 per sample for (B, 1 or none, d) and (B, 1 or none, p), each factor padded
+    against underflow (``underflow_pad``: a huge ``a`` with an ``||g||^2`` that reads 0 is not a zero norm)."""
+    pad = underflow_pad(a.dtype, 1, max(a.shape[-1], g.shape[-1]))
+    if pad == 0.0:
         return row_sq(a) * row_sq(g)
-    return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+    return (row_sq(a) + pad) * (row_sq(g) + pad)
+
+
+def gram(x: Tensor, xt: Tensor, pad: float, plus_one: bool = False) -> Tensor:
+    """``x @ xt`` for (B, T, k) @ (B, k, T) with ``pad`` added to the diagonal (and 1 everywhere with
+    ``plus_one``: a bias's constant input), in one ``baddbmm`` whose input is a cached (T, T) matrix."""
+    if pad == 0.0 and not plus_one:
+        return torch.bmm(x, xt)
+    return torch.baddbmm(_diagonal(x.shape[1], pad, plus_one, x.dtype, x.device), x, xt)
+
+
+@functools.lru_cache(maxsize=32)
+def _diagonal(t: int, pad: float, plus_one: bool, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(T, T): ``pad`` on the diagonal, plus 1 everywhere with ``plus_one``; 0-dim when ``pad`` is 0."""
+    if pad == 0.0:
+        return torch.ones((), dtype=dtype, device=device)
+    out = torch.eye(t, dtype=dtype, device=device) * pad
+    return out + 1 if plus_one else out
