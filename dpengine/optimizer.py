@@ -29,6 +29,13 @@ Segment = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps), as
 _ORDERS = np.asarray(accounting.DEFAULT_ORDERS, dtype=np.float64)
 
 
+_GROUPS_FIXED = (
+    "A private optimizer cannot take new parameter groups: add every parameter group to the optimizer before "
+    "make_private (torch.optim.SGD([{'params': a}, {'params': b, 'lr': 0.1}], ...)); to train more parameters "
+    "later, call engine.detach() and make_private again with optimizer.original_optimizer (after adding them "
+    "to it): the engine keeps its accountant, so epsilon covers both phases.")
+
+
 class PrivacyBudgetExhaustedError(RuntimeError):
     """Raised instead of taking a step that would spend more than the privacy budget."""
 
@@ -99,6 +106,11 @@ def _flat_buffer(ts: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tenso
     return flat, views
 
 
+def _layout(param_groups: list[dict[str, Any]]) -> tuple[tuple[int, ...], ...]:
+    """Which parameters each group holds (by identity): what ``make_private`` saw, checked at every step."""
+    return tuple(tuple(id(p) for p in group["params"]) for group in param_groups)
+
+
 def _segments(accountant: Any) -> list[Segment]:
     """The accountant's live list of segments, only read. ``Accountant.history`` returns a copy, linear in
     the number of segments (up to one per step under a noise schedule); the budget check runs every step,
@@ -164,6 +176,9 @@ class DPOptimizer(Optimizer):
         self.detached = False
         self._inner_step = False
         self._guard = optimizer.register_step_pre_hook(self._guard_original)
+        #: the parameters of each group at make_private: the groups the private step writes and the wrapped
+        #: optimizer applies must stay these (``add_param_group`` is refused)
+        self._groups_seen = _layout(optimizer.param_groups)
         self.budget: tuple[float, float] | None = None  # (epsilon, delta) never to be exceeded
         self._planned: tuple[float, float] | None = None  # the (sigma, q) that _max_steps was computed for
         self._max_steps: int | None = None
@@ -299,6 +314,20 @@ class DPOptimizer(Optimizer):
             warnings.warn("clipped_grads_for_debugging() returns gradients before noise: they are not "
                           "differentially private; keep them out of logs others can read.", stacklevel=2)
         return self.controller.peek_clipped_sums()
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not hasattr(self, "_groups_seen"):  # Optimizer.__init__ registering the wrapped optimizer's groups
+            super().add_param_group(param_group)
+            return
+        raise RuntimeError(_GROUPS_FIXED)
+
+    def _groups_problem(self) -> str | None:
+        """Why the parameter groups no longer match those of make_private (None if they do)."""
+        if _layout(self.original_optimizer.param_groups) == _layout(self.param_groups) == self._groups_seen:
+            return None
+        return ("the optimizer's param groups changed after make_private (add_param_group, or a group list edited): "
+                "the private gradient of a new group's parameters would be written but never applied, or not "
+                "written at all, while the step is still accounted. " + _GROUPS_FIXED)
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -492,7 +521,7 @@ class DPOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        problem = self.controller.step_problem(in_virtual_steps=self._in_virtual_steps)
+        problem = self._groups_problem() or self.controller.step_problem(in_virtual_steps=self._in_virtual_steps)
         if self.distributed is not None:
             problem = problem or self.distributed.step_problem(self._in_virtual_steps)
             if not self._skip_next:  # each rank's last chunk of the logical batch: the ranks refuse or step together

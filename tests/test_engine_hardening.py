@@ -388,3 +388,44 @@ def test_bfloat16_model_gets_a_bfloat16_noisy_gradient_of_the_right_std():
     noise = torch.cat([p.grad.double().flatten() for p in model.parameters()])
     assert abs(noise.std().item() / (sigma * c / batch) - 1) < 0.1
     assert math.isfinite(engine.get_epsilon(DELTA))
+
+
+# ---------------------------------------------------------------------------------------- 7. parameter groups
+def _private_first_layer_only():
+    """make_private over an optimizer that holds only the first layer (the second is tracked but not trained)."""
+    engine = PrivacyEngine(seed=0)
+    model = _mlp()
+    model, opt, dl = engine.make_private(module=model, optimizer=torch.optim.SGD(model[0].parameters(), lr=1.0),
+                                         data_loader=_loader(40, 10), noise_multiplier=1.0, max_grad_norm=1.0)
+    return engine, model, opt, dl
+
+
+def test_add_param_group_on_the_private_optimizer_is_refused():
+    """The private optimizer shares the wrapped one's groups but not its list: a group added to it would get a
+    private gradient that the wrapped optimizer never applies, while every step is accounted."""
+    engine, model, opt, dl = _private_first_layer_only()
+    with pytest.raises(RuntimeError, match="add every parameter group .*before make_private"):
+        opt.add_param_group({"params": list(model[2].parameters())})
+    assert len(opt.param_groups) == len(opt.original_optimizer.param_groups) == 1
+    assert _train(model, opt, dl, 1) == 1  # the optimizer is still usable as it was
+
+
+def test_a_group_added_to_the_wrapped_optimizer_refuses_the_step():
+    engine, model, opt, dl = _private_first_layer_only()
+    opt.original_optimizer.add_param_group({"params": list(model[2].parameters())})
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="param groups .*changed after make_private.*before make_private"):
+        _train(model, opt, dl, 1)
+    assert engine.accountant.total_steps == 0
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def test_replacing_the_wrapped_optimizers_groups_by_load_state_dict_keeps_stepping():
+    """load_state_dict rebuilds the group dicts: the private optimizer takes them over, so that is no change."""
+    engine, model, opt, dl = _private_first_layer_only()
+    assert _train(model, opt, dl, 1) == 1
+    opt.load_state_dict(opt.state_dict())
+    assert _train(model, opt, dl, 1) == 1
+    opt.original_optimizer.load_state_dict(opt.original_optimizer.state_dict())  # the wrapped one alone
+    assert _train(model, opt, dl, 1) == 1
+    assert engine.accountant.total_steps == 3
