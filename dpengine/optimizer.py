@@ -157,6 +157,7 @@ class DPOptimizer(Optimizer):
         self.controller = controller
         self.noise_multiplier = float(noise_multiplier)
         self.policy = policy
+        policy.bind(controller)  # its settings cannot change while the controller holds sums clipped with them
         self.expected_batch_size = float(expected_batch_size)
         self.sample_rate = float(sample_rate)
         self.loss_reduction = loss_reduction
