@@ -18,7 +18,8 @@ from torch import nn
 from torch.optim import Optimizer
 
 from . import accounting
-from .clipping import ClippingPolicy
+from ._validate import non_negative
+from .clipping import ClippingPolicy, LipschitzBounds, PerLayerClipping
 from .grad_sample.controller import GradSampleController, LossReduction
 from .grad_sample.ledger import nonfinite_flag, sum_dtype
 from .grad_sample.registry import PerSampleGradientError
@@ -132,8 +133,11 @@ class DPOptimizer(Optimizer):
         sample_rate: q, recorded with the accountant each step.
         accountant: an accountant from ``dpengine.accounting`` (``step(noise_multiplier=, sample_rate=)``).
 
-    ``noise_multiplier`` and ``sample_rate`` may be changed between steps (a noise schedule); each step is
-    recorded with the values it used, and a budget (``set_budget``) is enforced against that history.
+    ``noise_multiplier`` may be assigned between steps (a noise schedule): the step's noise and the accountant
+    both read it. ``max_grad_norm`` (the policy's, where it has one) may be assigned between steps too.
+    ``sample_rate`` and ``expected_batch_size`` are the private loader's and read-only: the accounted q must be
+    the q the loader samples at (to change it, see the error that assigning raises). Each step is recorded
+    with the values it used, and a budget (``set_budget``) is enforced against that history.
     """
 
     def __init__(
@@ -155,11 +159,11 @@ class DPOptimizer(Optimizer):
         self.original_optimizer = optimizer
         self.state = optimizer.state
         self.controller = controller
-        self.noise_multiplier = float(noise_multiplier)
         self.policy = policy
         policy.bind(controller)  # its settings cannot change while the controller holds sums clipped with them
-        self.expected_batch_size = float(expected_batch_size)
-        self.sample_rate = float(sample_rate)
+        self.noise_multiplier = noise_multiplier
+        self._expected_batch_size = float(expected_batch_size)
+        self._sample_rate = float(sample_rate)
         self.loss_reduction = loss_reduction
         controller.output_scale = 1.0 / self.expected_batch_size if loss_reduction is LossReduction.MEAN else 1.0
         controller.sum_buckets.set_order(self.params)  # clipped sums laid out in this optimizer's order
@@ -193,6 +197,69 @@ class DPOptimizer(Optimizer):
         self._flag_view: Any = None  # numpy view of _flag_host: read without a torch call
         self._flag_event: Any = None  # CUDA event recorded after the copy (None on CPU: copies are synchronous)
         self._flag_step = 0
+
+    # ------------------------------------------------------------------------------------------ knobs
+    @property
+    def noise_multiplier(self) -> float:
+        """sigma: the noise of each step (``policy.noise_stds``) and what the accountant records for it."""
+        return self._noise_multiplier
+
+    @noise_multiplier.setter
+    def noise_multiplier(self, value: float) -> None:
+        non_negative(noise_multiplier=value)
+        self.policy.grad_noise_multiplier(float(value))  # refuses a sigma adaptive clipping cannot split
+        self._noise_multiplier = float(value)
+
+    @property
+    def sample_rate(self) -> float:
+        """q, recorded with the accountant at every step: the rate the private loader samples at (1 for error
+        feedback, whose steps are not amplified by subsampling)."""
+        return self._sample_rate
+
+    @sample_rate.setter
+    def sample_rate(self, value: float) -> None:
+        raise AttributeError(
+            f"sample_rate is the private data loader's (q = {self._sample_rate:g}; its batches keep being drawn at "
+            "it), so assigning it would only change what the accountant records, not the sampling. To train at "
+            "another q, start a new private loader on the same engine: engine.detach(), then model, optimizer, "
+            "loader = engine.make_private(module=model, optimizer=optimizer.original_optimizer, "
+            "data_loader=DataLoader(dataset, batch_size=q * len(dataset)), ...). The engine keeps its accountant, "
+            "so epsilon (and epsilon_budget, given again) covers both phases.")
+
+    @property
+    def expected_batch_size(self) -> float:
+        """q * N of the private loader: the divisor of a mean-reduced loss's noisy sum (and in error feedback's
+        sensitivity)."""
+        return self._expected_batch_size
+
+    @expected_batch_size.setter
+    def expected_batch_size(self, value: float) -> None:
+        raise AttributeError("expected_batch_size is fixed at make_private (q * N of the private loader: it scales "
+                             "the release, and error feedback's sensitivity uses it); it changes with the loader, "
+                             "see optimizer.sample_rate.")
+
+    @property
+    def max_grad_norm(self) -> float:
+        """The clipping policy's ``max_grad_norm`` (flat, automatic, adaptive, error_feedback): assigning it sets
+        the policy's, the one value its clipping and its noise read."""
+        if not hasattr(type(self.policy), "max_grad_norm"):
+            raise AttributeError(self._no_max_grad_norm())
+        return self.policy.max_grad_norm  # type: ignore[attr-defined]
+
+    @max_grad_norm.setter
+    def max_grad_norm(self, value: float) -> None:
+        if not hasattr(type(self.policy), "max_grad_norm"):
+            raise AttributeError(self._no_max_grad_norm())
+        self.policy.max_grad_norm = value  # type: ignore[attr-defined]
+
+    def _no_max_grad_norm(self) -> str:
+        if isinstance(self.policy, PerLayerClipping):
+            return ("clipping='per_layer' has one threshold per group, and no max_grad_norm: read or assign "
+                    "optimizer.policy.thresholds (one value per group).")
+        if isinstance(self.policy, LipschitzBounds):
+            return ("clipping='lipschitz' clips nothing: each sample's gradient is bounded analytically "
+                    "(optimizer.policy.bounds), so there is no max_grad_norm.")
+        return f"the clipping policy {type(self.policy).__name__} has no max_grad_norm."
 
     # ------------------------------------------------------------------------------------------ budget
     def set_budget(self, epsilon: float, delta: float, *, planned_steps: int | None = None) -> None:
