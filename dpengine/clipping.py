@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Mapping, Sequence
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -33,8 +35,42 @@ class ClippingMode(enum.Enum):
     LIPSCHITZ = "lipschitz"
 
 
+def _positive_float(policy: Any, name: str, value: Any) -> float:
+    positive(**{name: value})
+    return float(value)
+
+
+class _Setting:
+    """A policy setting that enters its factors or its sensitivity (and so the noise): one stored value, read
+    by both. An assigned value is validated (``check(policy, name, value)`` returns the value to store), and
+    an assignment is refused while clipped sums formed with the old value wait for their step (their noise
+    would follow the new one). A ``fixed`` setting is set once, by ``__init__``."""
+
+    def __init__(self, check: Callable[[Any, str, Any], Any] = _positive_float, *, fixed: bool = False) -> None:
+        self.check, self.fixed = check, fixed
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name, self.slot = name, "_" + name
+
+    def __get__(self, policy: Any, owner: type | None = None) -> Any:
+        return self if policy is None else policy.__dict__[self.slot]
+
+    def __set__(self, policy: Any, value: Any) -> None:
+        if self.slot in policy.__dict__:
+            if self.fixed:
+                raise AttributeError(f"{type(policy).__name__}.{self.name} is fixed at make_private (the release "
+                                     "and the sensitivity both use it); call make_private again to change it.")
+            policy.check_between_steps(self.name)
+        policy.__dict__[self.slot] = self.check(policy, self.name, value)
+        policy._changed(self.name)
+
+
 class ClippingPolicy:
-    """Base class: one group holding every parameter. Subclasses set the groups and the factor rule."""
+    """Base class: one group holding every parameter. Subclasses set the groups and the factor rule.
+
+    Settings that enter the factors or the sensitivity (``max_grad_norm``, per-layer ``thresholds``, ...) may
+    be assigned between steps: both the clipping and the noise read the one stored value. An assignment
+    between a backward and its step is refused (``check_between_steps``)."""
 
     #: the controller also forms the unclipped sum (error feedback needs it)
     needs_unclipped: bool = False
@@ -46,6 +82,24 @@ class ClippingPolicy:
     def __init__(self) -> None:
         self._group: dict[int, int] = {}
         self.num_groups = 1
+        self._source: Callable[[], Any] | None = None  # weak reference to the gradient source (see bind)
+
+    def bind(self, source: Any) -> None:
+        """The private optimizer's gradient source (a ``BatchLedger``): while it holds clipped sums that wait
+        for a step, the settings cannot change. Held weakly (the source holds the policy)."""
+        self._source = weakref.ref(source)
+
+    def check_between_steps(self, name: str) -> None:
+        """Refuse changing ``name`` while this step's gradients, clipped with its current value, await noise."""
+        source = self._source() if self._source is not None else None
+        if source is not None and source.batches_accumulated:
+            raise RuntimeError(
+                f"{name} cannot change between a backward and its step: this step's gradients were already "
+                "clipped with the current value, and the step's noise would follow the new one. Change it after "
+                "optimizer.step() (or after optimizer.zero_grad(), which drops this step's gradients).")
+
+    def _changed(self, name: str) -> None:
+        """A setting was assigned (a policy drops what it derived from the old value)."""
 
     def group(self, p: nn.Parameter) -> int:
         """The group index of a tracked parameter."""
@@ -95,10 +149,11 @@ class FlatClipping(ClippingPolicy):
     L2 sensitivity of the sum under add/remove-one adjacency is C.
     """
 
+    max_grad_norm = _Setting()
+
     def __init__(self, max_grad_norm: float) -> None:
         super().__init__()
-        positive(max_grad_norm=max_grad_norm)
-        self.max_grad_norm = float(max_grad_norm)
+        self.max_grad_norm = max_grad_norm
 
     @property
     def sensitivity(self) -> float:
@@ -117,18 +172,27 @@ class PerLayerClipping(ClippingPolicy):
         thresholds: C_l per group.
     """
 
-    def __init__(self, groups: list[list[nn.Parameter]], thresholds: Sequence[float]) -> None:
-        super().__init__()
-        if len(groups) != len(thresholds):
-            raise ValueError(f"{len(groups)} parameter groups but {len(thresholds)} thresholds.")
+    def _check_thresholds(self, name: str, thresholds: Sequence[float]) -> tuple[float, ...]:
+        if len(thresholds) != self.num_groups:
+            raise ValueError(f"{self.num_groups} groups but {len(thresholds)} thresholds.")
         for t in thresholds:
             positive(max_grad_norm=t)
+        return tuple(float(t) for t in thresholds)
+
+    #: C_l per group, a tuple: assign a new sequence to change them (the factors' cached tensor follows)
+    thresholds = _Setting(_check_thresholds)
+
+    def __init__(self, groups: list[list[nn.Parameter]], thresholds: Sequence[float]) -> None:
+        super().__init__()
         self.num_groups = len(groups)
         self._group = {id(p): k for k, ps in enumerate(groups) for p in ps}
-        self.thresholds = [float(t) for t in thresholds]
-        self._c: Tensor | None = None
+        self._c: Tensor | None = None  # the thresholds as a (K, 1) tensor on the norms' device
+        self.thresholds = thresholds
 
     separable = True
+
+    def _changed(self, name: str) -> None:
+        self._c = None
 
     @property
     def sensitivity(self) -> float:
@@ -148,10 +212,12 @@ class AutomaticClipping(ClippingPolicy):
     hyperparameter (C only scales the learning rate).
     """
 
+    max_grad_norm = _Setting()
+    stability_constant = _Setting()
+
     def __init__(self, max_grad_norm: float, stability_constant: float = 0.01) -> None:
         super().__init__()
-        positive(max_grad_norm=max_grad_norm, stability_constant=stability_constant)
-        self.max_grad_norm, self.stability_constant = float(max_grad_norm), float(stability_constant)
+        self.max_grad_norm, self.stability_constant = max_grad_norm, stability_constant
 
     @property
     def sensitivity(self) -> float:
@@ -210,7 +276,10 @@ class AdaptiveClipping(FlatClipping):
 
     @max_grad_norm.setter
     def max_grad_norm(self, value: float) -> None:
-        self._bound: float | Tensor = float(value)
+        value = _positive_float(self, "max_grad_norm", value)
+        if "_bound" in self.__dict__:
+            self.check_between_steps("max_grad_norm")
+        self._bound: float | Tensor = value
 
     def _bound_on(self, device: torch.device) -> Tensor:
         if not isinstance(self._bound, Tensor):
@@ -275,11 +344,13 @@ class ErrorFeedbackClipping(FlatClipping):
 
     amplified = False  # the accountant records sample rate 1 (see above)
 
+    error_max_grad_norm = _Setting()
+    #: the optimizer's expected batch size, which scales the fed-back error in the release
+    expected_batch_size = _Setting(fixed=True)
+
     def __init__(self, max_grad_norm: float, error_max_grad_norm: float, expected_batch_size: float) -> None:
         super().__init__(max_grad_norm)
-        positive(error_max_grad_norm=error_max_grad_norm, expected_batch_size=expected_batch_size)
-        self.error_max_grad_norm = float(error_max_grad_norm)
-        self.expected_batch_size = float(expected_batch_size)
+        self.error_max_grad_norm, self.expected_batch_size = error_max_grad_norm, expected_batch_size
         self.error: dict[nn.Parameter, Tensor] = {}
 
     needs_unclipped = True
@@ -327,10 +398,14 @@ class LipschitzBounds(ClippingPolicy):
     1 / sigma), which is what the accountant records.
     """
 
+    #: b_p per parameter (by id) and d_p, analytic, from the model at make_private: read-only mappings
+    bounds = _Setting(lambda policy, name, v: MappingProxyType({k: float(b) * (1 + 1e-5) for k, b in v.items()}),
+                      fixed=True)
+    sizes = _Setting(lambda policy, name, v: MappingProxyType(dict(v)), fixed=True)
+
     def __init__(self, bounds: Mapping[int, float], sizes: Mapping[int, int]) -> None:
         super().__init__()
-        self.bounds = {k: float(v) * (1 + 1e-5) for k, v in bounds.items()}
-        self.sizes = dict(sizes)
+        self.bounds, self.sizes = bounds, sizes
 
     @property
     def sensitivity(self) -> float:

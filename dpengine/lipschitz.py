@@ -28,6 +28,7 @@ The bounds are exact real-arithmetic bounds; a float32 forward/backward can exce
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -684,10 +685,14 @@ def _check_exact_fp32(layer: nn.Module, args: Any) -> None:
 class LipschitzSums(BatchLedger):
     """The gradient source of ``make_private(clipping="lipschitz")``: no per-sample work at all.
 
-    The ordinary backward computes the batch gradient; at the end of each backward (a callback queued from
-    a hook on the model's output) it is moved out of ``p.grad`` into an engine-owned buffer, rescaled to
-    the *sum* over samples (a mean-reduced loss is multiplied by the batch size the private loader
-    yielded) and then by the optimizer's output scale. Each sample's gradient is bounded analytically
+    The ordinary backward computes the batch gradient through each constrained layer's forward: while a layer
+    runs, its parameters are swapped for aliases (same storage, leaves of their own) as the per-sample
+    controller does, and each alias's gradient is taken as it is accumulated. At the end of each backward (a
+    callback queued from a hook on the model's output) the layers' gradients go into an engine-owned buffer,
+    rescaled to the *sum* over samples (a mean-reduced loss is multiplied by the batch size the private loader
+    yielded) and then by the optimizer's output scale. A gradient in ``p.grad`` itself came from a use of
+    ``p`` outside its layer (a weight penalty in the loss), which the bounds do not cover: refused by the
+    ledger's ``check_no_leak``, as in the per-sample modes. Each sample's gradient is bounded analytically
     (``per_sample_gradient_bounds``), so the sum's sensitivity is known without clipping. The same
     one-backward-per-batch rule as the per-sample controller applies, and a step is refused while the
     layers' constraints do not hold (``constraint_violations``).
@@ -706,9 +711,16 @@ class LipschitzSums(BatchLedger):
         low = sorted({str(p.dtype).replace("torch.", "") for p in params if p.dtype in _HALF})
         if low:
             raise ValueError(f"clipping='lipschitz' cannot train {'/'.join(low)} parameters: " + _EXACT_FIX)
+        tracked = {id(p) for p in params}
+        self._named = [(n, p) for n, p in module.named_parameters() if id(p) in tracked]
+        self._grads: dict[nn.Parameter, Tensor] = {}  # the layers' gradients of the running backward
         self._handles = [module.register_forward_hook(self._on_output)]
-        self._handles += [m.register_forward_pre_hook(_check_exact_fp32) for m in module.modules()
-                          if isinstance(m, _ConstrainedLayer)]
+        for name, m in module.named_modules():
+            if isinstance(m, _ConstrainedLayer):
+                owned = [(n, p) for n, p in m._parameters.items() if p is not None and id(p) in tracked]
+                self._handles += [m.register_forward_pre_hook(_check_exact_fp32),
+                                  m.register_forward_pre_hook(functools.partial(self._swap_in, owned)),
+                                  m.register_forward_hook(functools.partial(self._swap_out, owned), always_call=True)]
         if math.isfinite(self.input_bound):
             self._handles.append(module.register_forward_pre_hook(self._check_input_bound, with_kwargs=True))
 
@@ -733,6 +745,26 @@ class LipschitzSums(BatchLedger):
                              "inputs within it. Put dpengine.lipschitz.InputNormClip(max_norm) first in the model "
                              "(it enforces the bound), or pass a bound every input satisfies.")
 
+    def _swap_in(self, owned: list[tuple[str, nn.Parameter]], layer: nn.Module, args: Any) -> None:
+        """While the layer runs (differentiated), its parameters are aliases whose gradient this ledger takes:
+        autograd never writes ``p.grad`` through the layer, so a ``p.grad`` is a use outside it."""
+        if not torch.is_grad_enabled():
+            return
+        for n, p in owned:
+            alias = p.detach().requires_grad_(p.requires_grad)
+            alias.register_post_accumulate_grad_hook(functools.partial(self._take_grad, p))
+            layer._parameters[n] = alias
+
+    @staticmethod
+    def _swap_out(owned: list[tuple[str, nn.Parameter]], layer: nn.Module, args: Any, out: Any) -> None:
+        for n, p in owned:
+            layer._parameters[n] = p
+
+    def _take_grad(self, p: nn.Parameter, alias: Tensor) -> None:
+        grad, alias.grad = alias.grad, None
+        if grad is not None:
+            self._grads[p] = grad if p not in self._grads else self._grads[p] + grad
+
     def _on_output(self, module: nn.Module, args: Any, out: Any) -> None:
         if isinstance(out, Tensor) and out.requires_grad:
             self._root_batch = int(out.shape[0]) if out.dim() else None
@@ -746,15 +778,9 @@ class LipschitzSums(BatchLedger):
 
     def _collect(self) -> None:
         self._queued_for = None
-        grads = []
-        for p in self.params:
-            written, version = self._written.get(p, (None, -1))
-            if p.grad is None or (p.grad is written and p.grad._version == version):
-                continue  # untouched, or the private gradient of the last step
-            if p.grad is written:
-                raise RuntimeError("autograd accumulated into the private gradient of the last step; call "
-                                   "optimizer.zero_grad() before each backward.")
-            grads.append((p, p.grad))
+        taken, self._grads = self._grads, {}
+        self.check_no_leak(self._named)
+        grads = [(p, taken[p]) for p in self.params if p in taken]
         if not grads:  # torch.autograd.grad: nothing accumulated, nothing released
             return
         batch = self._count_loader_batch()
@@ -772,7 +798,6 @@ class LipschitzSums(BatchLedger):
                     self._summed[p].add_(t)
                 else:
                     self._summed[p] = t
-                p.grad = None
         self.batches_accumulated += 1
 
     def step_problem(self, in_virtual_steps: bool) -> str | None:
@@ -782,6 +807,10 @@ class LipschitzSums(BatchLedger):
                     "would be wrong: " + "; ".join(broken) + ". Keep the projection that make_private attached "
                     "to the optimizer (it runs after every step), and change weights only through it.")
         return super().step_problem(in_virtual_steps)
+
+    def clear(self) -> None:
+        super().clear()
+        self._grads = {}
 
     def detach(self) -> None:
         for h in self._handles:

@@ -18,7 +18,8 @@ from torch import nn
 from torch.optim import Optimizer
 
 from . import accounting
-from .clipping import ClippingPolicy
+from ._validate import non_negative
+from .clipping import ClippingPolicy, LipschitzBounds, PerLayerClipping
 from .grad_sample.controller import GradSampleController, LossReduction
 from .grad_sample.ledger import nonfinite_flag, sum_dtype
 from .grad_sample.registry import PerSampleGradientError
@@ -27,6 +28,13 @@ from .noise import GaussianNoise
 Segment = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps), as the accountants record them
 
 _ORDERS = np.asarray(accounting.DEFAULT_ORDERS, dtype=np.float64)
+
+
+_GROUPS_FIXED = (
+    "A private optimizer cannot take new parameter groups: add every parameter group to the optimizer before "
+    "make_private (torch.optim.SGD([{'params': a}, {'params': b, 'lr': 0.1}], ...)); to train more parameters "
+    "later, call engine.detach() and make_private again with optimizer.original_optimizer (after adding them "
+    "to it): the engine keeps its accountant, so epsilon covers both phases.")
 
 
 class PrivacyBudgetExhaustedError(RuntimeError):
@@ -99,6 +107,11 @@ def _flat_buffer(ts: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tenso
     return flat, views
 
 
+def _layout(param_groups: list[dict[str, Any]]) -> tuple[tuple[int, ...], ...]:
+    """Which parameters each group holds (by identity): what ``make_private`` saw, checked at every step."""
+    return tuple(tuple(id(p) for p in group["params"]) for group in param_groups)
+
+
 def _segments(accountant: Any) -> list[Segment]:
     """The accountant's live list of segments, only read. ``Accountant.history`` returns a copy, linear in
     the number of segments (up to one per step under a noise schedule); the budget check runs every step,
@@ -120,8 +133,11 @@ class DPOptimizer(Optimizer):
         sample_rate: q, recorded with the accountant each step.
         accountant: an accountant from ``dpengine.accounting`` (``step(noise_multiplier=, sample_rate=)``).
 
-    ``noise_multiplier`` and ``sample_rate`` may be changed between steps (a noise schedule); each step is
-    recorded with the values it used, and a budget (``set_budget``) is enforced against that history.
+    ``noise_multiplier`` may be assigned between steps (a noise schedule): the step's noise and the accountant
+    both read it. ``max_grad_norm`` (the policy's, where it has one) may be assigned between steps too.
+    ``sample_rate`` and ``expected_batch_size`` are the private loader's and read-only: the accounted q must be
+    the q the loader samples at (to change it, see the error that assigning raises). Each step is recorded
+    with the values it used, and a budget (``set_budget``) is enforced against that history.
     """
 
     def __init__(
@@ -143,10 +159,11 @@ class DPOptimizer(Optimizer):
         self.original_optimizer = optimizer
         self.state = optimizer.state
         self.controller = controller
-        self.noise_multiplier = float(noise_multiplier)
         self.policy = policy
-        self.expected_batch_size = float(expected_batch_size)
-        self.sample_rate = float(sample_rate)
+        policy.bind(controller)  # its settings cannot change while the controller holds sums clipped with them
+        self.noise_multiplier = noise_multiplier
+        self._expected_batch_size = float(expected_batch_size)
+        self._sample_rate = float(sample_rate)
         self.loss_reduction = loss_reduction
         controller.output_scale = 1.0 / self.expected_batch_size if loss_reduction is LossReduction.MEAN else 1.0
         controller.sum_buckets.set_order(self.params)  # clipped sums laid out in this optimizer's order
@@ -164,6 +181,9 @@ class DPOptimizer(Optimizer):
         self.detached = False
         self._inner_step = False
         self._guard = optimizer.register_step_pre_hook(self._guard_original)
+        #: the parameters of each group at make_private: the groups the private step writes and the wrapped
+        #: optimizer applies must stay these (``add_param_group`` is refused)
+        self._groups_seen = _layout(optimizer.param_groups)
         self.budget: tuple[float, float] | None = None  # (epsilon, delta) never to be exceeded
         self._planned: tuple[float, float] | None = None  # the (sigma, q) that _max_steps was computed for
         self._max_steps: int | None = None
@@ -177,6 +197,69 @@ class DPOptimizer(Optimizer):
         self._flag_view: Any = None  # numpy view of _flag_host: read without a torch call
         self._flag_event: Any = None  # CUDA event recorded after the copy (None on CPU: copies are synchronous)
         self._flag_step = 0
+
+    # ------------------------------------------------------------------------------------------ knobs
+    @property
+    def noise_multiplier(self) -> float:
+        """sigma: the noise of each step (``policy.noise_stds``) and what the accountant records for it."""
+        return self._noise_multiplier
+
+    @noise_multiplier.setter
+    def noise_multiplier(self, value: float) -> None:
+        non_negative(noise_multiplier=value)
+        self.policy.grad_noise_multiplier(float(value))  # refuses a sigma adaptive clipping cannot split
+        self._noise_multiplier = float(value)
+
+    @property
+    def sample_rate(self) -> float:
+        """q, recorded with the accountant at every step: the rate the private loader samples at (1 for error
+        feedback, whose steps are not amplified by subsampling)."""
+        return self._sample_rate
+
+    @sample_rate.setter
+    def sample_rate(self, value: float) -> None:
+        raise AttributeError(
+            f"sample_rate is the private data loader's (q = {self._sample_rate:g}; its batches keep being drawn at "
+            "it), so assigning it would only change what the accountant records, not the sampling. To train at "
+            "another q, start a new private loader on the same engine: engine.detach(), then model, optimizer, "
+            "loader = engine.make_private(module=model, optimizer=optimizer.original_optimizer, "
+            "data_loader=DataLoader(dataset, batch_size=q * len(dataset)), ...). The engine keeps its accountant, "
+            "so epsilon (and epsilon_budget, given again) covers both phases.")
+
+    @property
+    def expected_batch_size(self) -> float:
+        """q * N of the private loader: the divisor of a mean-reduced loss's noisy sum (and in error feedback's
+        sensitivity)."""
+        return self._expected_batch_size
+
+    @expected_batch_size.setter
+    def expected_batch_size(self, value: float) -> None:
+        raise AttributeError("expected_batch_size is fixed at make_private (q * N of the private loader: it scales "
+                             "the release, and error feedback's sensitivity uses it); it changes with the loader, "
+                             "see optimizer.sample_rate.")
+
+    @property
+    def max_grad_norm(self) -> float:
+        """The clipping policy's ``max_grad_norm`` (flat, automatic, adaptive, error_feedback): assigning it sets
+        the policy's, the one value its clipping and its noise read."""
+        if not hasattr(type(self.policy), "max_grad_norm"):
+            raise AttributeError(self._no_max_grad_norm())
+        return self.policy.max_grad_norm  # type: ignore[attr-defined]
+
+    @max_grad_norm.setter
+    def max_grad_norm(self, value: float) -> None:
+        if not hasattr(type(self.policy), "max_grad_norm"):
+            raise AttributeError(self._no_max_grad_norm())
+        self.policy.max_grad_norm = value  # type: ignore[attr-defined]
+
+    def _no_max_grad_norm(self) -> str:
+        if isinstance(self.policy, PerLayerClipping):
+            return ("clipping='per_layer' has one threshold per group, and no max_grad_norm: read or assign "
+                    "optimizer.policy.thresholds (one value per group).")
+        if isinstance(self.policy, LipschitzBounds):
+            return ("clipping='lipschitz' clips nothing: each sample's gradient is bounded analytically "
+                    "(optimizer.policy.bounds), so there is no max_grad_norm.")
+        return f"the clipping policy {type(self.policy).__name__} has no max_grad_norm."
 
     # ------------------------------------------------------------------------------------------ budget
     def set_budget(self, epsilon: float, delta: float, *, planned_steps: int | None = None) -> None:
@@ -299,6 +382,20 @@ class DPOptimizer(Optimizer):
             warnings.warn("clipped_grads_for_debugging() returns gradients before noise: they are not "
                           "differentially private; keep them out of logs others can read.", stacklevel=2)
         return self.controller.peek_clipped_sums()
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not hasattr(self, "_groups_seen"):  # Optimizer.__init__ registering the wrapped optimizer's groups
+            super().add_param_group(param_group)
+            return
+        raise RuntimeError(_GROUPS_FIXED)
+
+    def _groups_problem(self) -> str | None:
+        """Why the parameter groups no longer match those of make_private (None if they do)."""
+        if _layout(self.original_optimizer.param_groups) == _layout(self.param_groups) == self._groups_seen:
+            return None
+        return ("the optimizer's param groups changed after make_private (add_param_group, or a group list edited): "
+                "the private gradient of a new group's parameters would be written but never applied, or not "
+                "written at all, while the step is still accounted. " + _GROUPS_FIXED)
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -492,7 +589,7 @@ class DPOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        problem = self.controller.step_problem(in_virtual_steps=self._in_virtual_steps)
+        problem = self._groups_problem() or self.controller.step_problem(in_virtual_steps=self._in_virtual_steps)
         if self.distributed is not None:
             problem = problem or self.distributed.step_problem(self._in_virtual_steps)
             if not self._skip_next:  # each rank's last chunk of the logical batch: the ranks refuse or step together

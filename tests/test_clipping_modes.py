@@ -674,3 +674,101 @@ def test_per_layer_reduces_each_layer_as_its_gradient_arrives(mode):
     for p, t in ctrl._summed.items():
         assert torch.allclose(t, got[id(p)], rtol=1e-12, atol=1e-15)
     assert torch.allclose(ctrl.last_group_norms, norms, rtol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------- settings changed mid-run
+def _one_record_run(mode: str, **kwargs: Any):
+    """A private per_layer run over one record (q = 1), sum loss, sigma 0, lr 0: p.grad is that record's clipped
+    contribution; ``step()`` takes one step on a loss 1e4 times too large (every group far above its threshold)."""
+    model = _bound_mlp()
+    x, y = torch.randn(1, 4, dtype=F64), torch.randn(1, 3, dtype=F64)
+    engine = PrivacyEngine(seed=0)
+    model, opt, loader = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+        data_loader=DataLoader(TensorDataset(x, y), batch_size=1), noise_multiplier=0.0,
+        grad_sample_mode=mode, loss_reduction="sum", **kwargs)
+
+    def step() -> dict[str, Tensor]:
+        for xb, yb in loader:
+            opt.zero_grad()
+            (1e4 * F.mse_loss(model(xb), yb, reduction="sum")).backward()
+            opt.step()
+        return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    return model, opt, step
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_per_layer_thresholds_changed_between_steps_clip_at_the_thresholds_the_noise_uses(mode):
+    """The policy caches its thresholds as a tensor for the factors; a change must reach that cache (the noise
+    follows the new thresholds at once: with the old cache the record kept 0.5 per group against noise for 0.02)."""
+    model, opt, step = _one_record_run(mode, clipping="per_layer", max_grad_norm=1.0)
+    groups = [[n] for n, _ in model.named_parameters()]
+    first = _group_norms({k: v.unsqueeze(0) for k, v in step().items()}, groups)[:, 0]
+    assert torch.allclose(first, torch.full((4,), 0.5, dtype=F64), rtol=1e-6)
+    new = (0.01, 0.02, 0.03, 0.04)
+    opt.policy.thresholds = list(new)
+    assert opt.policy.thresholds == new
+    assert opt.sensitivity == pytest.approx(math.sqrt(sum(t * t for t in new)), rel=1e-12)  # what the noise uses
+    released = _group_norms({k: v.unsqueeze(0) for k, v in step().items()}, groups)[:, 0]
+    for l, c_l in enumerate(new):
+        assert released[l] <= c_l * (1 + 1e-9), (l, float(released[l]), c_l)
+        assert released[l] == pytest.approx(c_l, rel=1e-6)  # clipped to it, not below
+
+
+def test_per_layer_thresholds_are_one_validated_value():
+    _, opt, _ = _one_record_run("bk", clipping="per_layer", max_grad_norm=1.0)
+    with pytest.raises(TypeError):
+        opt.policy.thresholds[0] = 0.01  # a tuple: no change behind the setter's back
+    with pytest.raises(ValueError, match="4 groups"):
+        opt.policy.thresholds = [0.1, 0.1]
+    with pytest.raises(ValueError, match="> 0"):
+        opt.policy.thresholds = [0.1, 0.1, 0.1, -0.1]
+    assert opt.policy.thresholds == (0.5,) * 4
+
+
+_SETTINGS = [
+    ("flat", {}, "max_grad_norm", 0.01),
+    ("automatic", {}, "max_grad_norm", 0.01),
+    ("automatic", {}, "stability_constant", 0.5),
+    ("adaptive", dict(unclipped_num_std=5.0), "max_grad_norm", 0.01),
+    ("error_feedback", dict(error_max_grad_norm=0.1), "max_grad_norm", 0.01),
+    ("error_feedback", dict(error_max_grad_norm=0.1), "error_max_grad_norm", 0.01),
+    ("per_layer", {}, "thresholds", (0.01,) * 4),
+]
+
+
+@pytest.mark.parametrize("clipping,options,name,value", _SETTINGS, ids=[f"{c}-{n}" for c, _, n, _ in _SETTINGS])
+def test_a_clipping_setting_cannot_change_between_backward_and_step(clipping, options, name, value):
+    """The backward clips with the current settings; the step's noise would follow a setting changed in
+    between. Refused there; after the step (or a zero_grad that drops the clipped sums) it applies to both."""
+    model, opt, step = _one_record_run("bk", clipping=clipping, max_grad_norm=1.0, **options)
+    step()
+    x, y = next(iter(DataLoader(TensorDataset(torch.randn(1, 4, dtype=F64), torch.randn(1, 3, dtype=F64)))))
+    opt.zero_grad()
+    F.mse_loss(model(x), y, reduction="sum").backward()
+    before = getattr(opt.policy, name)
+    with pytest.raises(RuntimeError, match=f"{name} cannot change between a backward and its step"):
+        setattr(opt.policy, name, value)
+    assert getattr(opt.policy, name) == before
+    opt.zero_grad()  # the clipped sums are dropped: nothing was clipped with the old value any more
+    setattr(opt.policy, name, value)
+    assert getattr(opt.policy, name) == pytest.approx(value)
+
+
+@pytest.mark.parametrize("clipping,options,name", [
+    ("flat", {}, "max_grad_norm"), ("automatic", {}, "max_grad_norm"), ("automatic", {}, "stability_constant"),
+    ("adaptive", dict(unclipped_num_std=5.0), "max_grad_norm"),
+    ("error_feedback", dict(error_max_grad_norm=0.1), "error_max_grad_norm")])
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
+def test_a_clipping_setting_is_validated_when_assigned(clipping, options, name, bad):
+    _, opt, _ = _one_record_run("bk", clipping=clipping, max_grad_norm=1.0, **options)
+    with pytest.raises(ValueError, match="> 0"):
+        setattr(opt.policy, name, bad)
+
+
+def test_error_feedback_expected_batch_size_is_fixed():
+    """It is in the sensitivity, while the release is scaled by the optimizer's own: they cannot diverge."""
+    _, opt, _ = _one_record_run("bk", clipping="error_feedback", max_grad_norm=1.0)
+    with pytest.raises(AttributeError, match="fixed at make_private"):
+        opt.policy.expected_batch_size = 0.5
+    assert opt.policy.expected_batch_size == 1.0

@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from dpengine import PrivacyEngine
+from dpengine.grad_sample.registry import PerSampleGradientError
 from dpengine.lipschitz import (GroupSort, InputNormClip, SpectralLinear, TemperatureCrossEntropy,
                                 per_sample_gradient_bounds)
 
@@ -196,3 +197,34 @@ def test_reduced_precision_is_judged_per_layer_kind(restore_fp32_switches):
     _check_exact_fp32(conv, (torch.randn(2, 1, 5, 5),))
     with pytest.raises(RuntimeError, match="mkldnn.matmul=bf16"):
         _check_exact_fp32(lin, (torch.randn(2, 4),))
+
+
+@pytest.mark.parametrize("penalty", [
+    lambda m: 50.0 * sum((p ** 2).sum() for p in m.parameters()),  # weight decay written into the loss
+    lambda m: m[1].weight.abs().sum(),  # one parameter read outside its layer
+])
+def test_a_parameter_used_outside_its_layer_is_refused_as_in_the_per_sample_modes(penalty):
+    """The bounds cover each sample's gradient through the network; a penalty's gradient (the same for every
+    sample, released B times over and not covered) came out with the release. The per-sample modes refuse
+    it; so does this one, with the same check and message, before anything is released or accounted."""
+    loss = TemperatureCrossEntropy(1.0)
+    model = _net()
+    engine = PrivacyEngine(seed=0)
+    model, opt, dl = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=DataLoader(_data(), batch_size=6),
+        noise_multiplier=1.0, clipping="lipschitz", loss_lipschitz=loss.lipschitz)
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = next(iter(dl))
+    opt.zero_grad()
+    with pytest.raises(PerSampleGradientError, match=r"'1\.weight' received an ordinary \(non-private\) gradient"):
+        (loss(model(x), y) + penalty(model)).backward()
+    assert engine.controller.peek_clipped_sums() == {}  # nothing summed for the step
+    assert engine.accountant.total_steps == 0
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    # the loss alone trains as before
+    for x, y in dl:
+        opt.zero_grad()
+        loss(model(x), y).backward()
+        opt.step()
+    assert engine.accountant.total_steps == len(dl)
+

@@ -531,6 +531,7 @@ class GradSampleController(BatchLedger):
                 handler = fused.fused_handler(handler)
             self.layers.append(TrackedLayer(name, layer, handler, [n for n, _ in trainable], [p for _, p in trainable]))
         self.params: list[nn.Parameter] = list({id(p): p for tl in self.layers for p in tl.params}.values())
+        self._named = [(f"{tl.name}.{n}", p) for tl in self.layers for n, p in zip(tl.names, tl.params)]
         self.param_ids = frozenset(id(p) for p in self.params)
         # A leaf that every tapped output depends on: whether its gradient accumulator runs tells a full
         # ``backward()`` (the training backward) from ``torch.autograd.grad`` (e.g. an input gradient).
@@ -969,7 +970,7 @@ class GradSampleController(BatchLedger):
         seen = self._staged_sizes + [(tl.name, tuple(rec.g.shape)) for tl, rec in pending]
         self._clear_staged()
         batch = self._check_batch(seen)
-        self._check_no_leak()
+        self.check_no_leak(self._named)
         for tl, rec in pending:
             self._check_record(tl, rec)
         for into, part, buckets in ((self._summed, staged, self.sum_buckets), (self._unclipped, staged_u, None)):
@@ -1145,25 +1146,6 @@ class GradSampleController(BatchLedger):
         for p, ps in materialized.items():
             slot = None if buckets is None or p in into else buckets.slot(p, sum_dtype(p.dtype))
             accumulate(into, p, weighted_sum(ps, rows[group(p)], out=slot), buckets)
-
-    def _check_no_leak(self) -> None:
-        for tl in self.layers:
-            for n, p in zip(tl.names, tl.params):
-                grad = p.grad
-                if grad is None:
-                    continue
-                written, version = self._written.get(p, (None, -1))
-                if grad is written and grad._version == version:
-                    continue
-                if grad is written and not bool(grad.any()):  # zero_grad(set_to_none=False): zeroed in place
-                    self._written[p] = (grad, grad._version)
-                    continue
-                # set by autograd, or accumulated into the private gradient the optimizer wrote
-                raise PerSampleGradientError(
-                    f"parameter '{tl.name}.{n}' received an ordinary (non-private) gradient from autograd: it was "
-                    "used outside its own module's forward (e.g. read directly by a parent module), or a backward "
-                    "ran inside dpengine.no_capture(). dpengine cannot form its per-sample gradient. Use the "
-                    "parameter only through its module (wrap it in nn.Linear / nn.Embedding), or freeze it.")
 
     # ----------------------------------------------------------------------------------- optimizer side
     def pop_unclipped_sums(self) -> dict[nn.Parameter, Tensor]:

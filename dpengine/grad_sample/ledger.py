@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .registry import PerSampleGradientError
+
 
 def nonfinite_flag(t: torch.Tensor) -> torch.Tensor:
     """A 0-dim bool device tensor, True if ``t`` holds a NaN or an infinity: one reduction (the sum is NaN
@@ -189,6 +191,30 @@ class BatchLedger:
         """Remember the private gradient the optimizer wrote (and its version): it is not a leak, and autograd
         accumulating into it in place changes the version."""
         self._written[p] = (grad, grad._version)
+
+    def check_no_leak(self, named: list[tuple[str, nn.Parameter]]) -> None:
+        """Raise if autograd wrote an ordinary gradient into a parameter's ``.grad``. Every source swaps the
+        tracked parameters for aliases while their own layer runs, so the only gradient ``p.grad`` may hold is
+        the private one the optimizer wrote (``mark_written``): anything else reached ``p`` outside its layer
+        (a penalty on the weights, a parent module reading it) and carries no per-sample bound."""
+        for name, p in named:
+            grad = p.grad
+            if grad is None:
+                continue
+            written, version = self._written.get(p, (None, -1))
+            if grad is written and grad._version == version:
+                continue
+            if grad is written and not bool(grad.any()):  # zero_grad(set_to_none=False): zeroed in place
+                self._written[p] = (grad, grad._version)
+                continue
+            # set by autograd, or accumulated into the private gradient the optimizer wrote
+            raise PerSampleGradientError(
+                f"parameter '{name}' received an ordinary (non-private) gradient from autograd: it was "
+                "used outside its own module's forward (e.g. read directly by a parent module, or a penalty on the "
+                "weights added to the loss), or a backward ran inside dpengine.no_capture(). dpengine cannot bound "
+                "that gradient per sample. Use the parameter only through its module (wrap it in nn.Linear / "
+                "nn.Embedding), apply weight decay in the optimizer (weight_decay=) instead of the loss, or freeze "
+                "it.")
 
     def clear(self) -> None:
         self._summed = {}
