@@ -773,6 +773,9 @@ class GradSampleController(BatchLedger):
             # in-place change to it before the reduction: remember its version (detach shares the counter)
             if not compiling:
                 rec.extra["versions"] = [(i, x._version) for i, x in enumerate(args) if isinstance(x, Tensor)]
+                task = torch._C._current_graph_task_id()
+                if task != -1:  # called inside a backward: a recomputation (activation checkpointing)
+                    rec.extra["forward_task"] = task
             anchor = not self._anchored
             self._anchored = True
             self._calls[id(tl)] = self._calls.get(id(tl), 0) + 1
@@ -883,6 +886,19 @@ class GradSampleController(BatchLedger):
         rec.g = g
         rec.extra["g_version"] = g._version
         task = torch._C._current_graph_task_id()
+        if rec.extra.pop("forward_task", task) != task:
+            # the layer ran inside one backward and its gradient arrives in another, nested one: reentrant
+            # activation checkpointing recomputes a segment in the backward and runs a backward of its own over
+            # it, which dpengine would clip as a second backward of the batch
+            raise PerSampleGradientError(
+                f"layer '{tl.name}' ({type(tl.module).__name__}) was recomputed inside a backward and its gradient "
+                "came from a nested backward pass: reentrant activation checkpointing "
+                "(torch.utils.checkpoint.checkpoint(..., use_reentrant=True), the default of older torch and of "
+                "some libraries' gradient_checkpointing_enable()). It runs a separate backward per checkpointed "
+                "segment, which dpengine would clip on its own, so a sample could contribute more than "
+                "max_grad_norm. Use torch.utils.checkpoint.checkpoint(..., use_reentrant=False) (exact with "
+                "dpengine; in transformers: gradient_checkpointing_enable(gradient_checkpointing_kwargs="
+                "{'use_reentrant': False})).")
         if self._queued_for != task:  # first tap of this backward
             self._pending = []  # drop what an earlier backward that raised left behind
             self._clear_staged()
