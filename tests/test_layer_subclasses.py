@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import dpengine
 from dpengine import PrivacyEngine
-from dpengine.grad_sample import FALLBACK, find_handler
+from dpengine.grad_sample import find_handler
 from dpengine.grad_sample.linear import LinearHandler
 from dpengine.layers import DPMultiheadAttention
 from oracle import flat_norms, oracle_per_sample, rel_err, run_controller
