@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
-from .grad_sample.registry import LayerHandler, Record, register
+from .grad_sample.registry import LayerHandler, Record, overrides, register
 
 __all__ = ["DPMultiheadAttention", "DPRNN", "DPGRU", "DPLSTM", "DPRNNBase", "swap_unsupported", "swap_reason"]
 
@@ -530,20 +530,33 @@ _SWAPS: dict[type, tuple[type, str]] = {
 }
 
 
+#: the methods of the torch class that the dpengine equivalent reproduces (``overrides``)
+_SWAP_METHODS = {nn.MultiheadAttention: ("forward", "merge_masks"), nn.RNNBase: ("forward", "permute_hidden")}
+
+
 def swap_reason(layer: nn.Module) -> tuple[str | None, str | None]:
     """(replacement name, None) if ``fix`` can swap ``layer``; (None, why not) if it is an attention or
-    recurrent layer it cannot swap; (None, None) for any other layer."""
+    recurrent layer it cannot swap; (None, None) for any other layer.
+
+    A subclass is swapped as its torch base class only if it computes what that class computes (the rule of
+    ``registry.overrides``, which also decides whether a per-sample handler reaches a subclass): one that
+    overrides ``forward`` (or a method it relies on) is refused, whatever the override does."""
     if not isinstance(layer, (nn.MultiheadAttention, nn.RNNBase)):
         return None, None
-    if type(layer) not in _SWAPS:
-        if isinstance(layer, nn.RNNBase) and type(layer) is nn.RNNBase and layer.mode in _GATES:
-            return "dpengine.layers.DPRNNBase", None
-        return None, (f"{type(layer).__name__} subclasses {type(layer).__mro__[1].__name__} and may change its "
-                      "forward, so dpengine.fix cannot swap it for an equivalent; build it from "
-                      "dpengine.layers (DPMultiheadAttention, DPRNN, DPGRU, DPLSTM) instead")
+    base = next((t for t in type(layer).__mro__ if t in _SWAPS), None)
+    if base is None and isinstance(layer, nn.RNNBase) and layer.mode in _GATES:
+        base = nn.RNNBase  # a bare RNNBase (or a subclass of it) with a known mode
+    changed = [] if base is None else overrides(
+        layer, base, _SWAP_METHODS[nn.MultiheadAttention if base is nn.MultiheadAttention else nn.RNNBase])
+    if base is None or changed:
+        parent = base.__name__ if base is not None else type(layer).__mro__[1].__name__
+        what = f"overrides {', '.join(changed)}" if changed else "may change its forward"
+        return None, (f"{type(layer).__name__} subclasses {parent} and {what}, so dpengine.fix cannot swap it for "
+                      "an equivalent; build it from dpengine.layers (DPMultiheadAttention, DPRNN, DPGRU, DPLSTM) "
+                      "instead, or do not override forward")
     if any(p.is_meta for p in layer.parameters()):
         return None, "its parameters are on the meta device; materialize them before dpengine.fix"
-    return _SWAPS[type(layer)][1], None
+    return (_SWAPS[base][1] if base in _SWAPS else "dpengine.layers.DPRNNBase"), None
 
 
 def swap_unsupported(module: nn.Module, prefix: str = "") -> list[tuple[str, str, str]]:

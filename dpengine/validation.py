@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .grad_sample import FALLBACK, find_handler
+from .grad_sample.registry import shadowed_handler
 from .grad_sample.controller import trainable_layers
 from .layers import DPMultiheadAttention, DPRNNBase, _warn_swapped, swap_reason, swap_unsupported
 
@@ -81,19 +82,29 @@ def validate(module: nn.Module) -> list[Problem]:
         if name in reported or any(name.startswith(r + ".") for r in reported if r):
             continue
         handler = find_handler(layer) or FALLBACK
-        for reason in handler.problems(layer):
-            problems.append(Problem(name, type(layer).__name__, reason))
+        reasons = list(handler.problems(layer))
         unknown = handler.unknown_params(layer)
         if unknown:
-            problems.append(Problem(name, type(layer).__name__, f"trainable parameters {unknown} are not covered by "
-                                    "its per-sample rule (a hook-based reparametrization such as the deprecated "
-                                    "torch.nn.utils.weight_norm?); remove the reparametrization, or freeze them"))
+            reasons.append(f"trainable parameters {unknown} are not covered by its per-sample rule (a hook-based "
+                           "reparametrization such as the deprecated torch.nn.utils.weight_norm?); remove the "
+                           "reparametrization, or freeze them")
         if handler is FALLBACK and any(p.requires_grad for c in layer.children() for p in c.parameters()):
-            problems.append(Problem(name, type(layer).__name__, "it holds trainable parameters directly and also "
-                                    "calls trainable sublayers, so dpengine would have to re-run it whole for each "
-                                    "sample; move its own parameters into a small submodule (e.g. nn.Linear, or a "
-                                    "module that holds the parameter and applies it) called from forward"))
+            reasons.append("it holds trainable parameters directly and also calls trainable sublayers, so dpengine "
+                           "would have to re-run it whole for each sample; move its own parameters into a small "
+                           "submodule (e.g. nn.Linear, or a module that holds the parameter and applies it) called "
+                           "from forward")
+        shadow = shadowed_handler(layer) if handler is FALLBACK and reasons else None
+        if shadow is not None:
+            reasons = [_OVERRIDDEN.format(kind=type(layer).__name__, base=shadow[0].__name__,
+                                          methods=", ".join(shadow[1]), why=r) for r in reasons]
+        problems += [Problem(name, type(layer).__name__, r) for r in reasons]
     return problems
+
+
+_OVERRIDDEN = ("{kind} subclasses {base} but overrides {methods}, so {base}'s per-sample rule does not apply to it "
+               "(it would miss what the override computes), and the generic torch.func rule cannot either: {why}. "
+               "Register a handler for {kind} (dpengine.grad_sample.register), or do not override forward (apply "
+               "the extra computation outside the layer, e.g. in its parent module)")
 
 
 def fix(module: nn.Module) -> nn.Module:

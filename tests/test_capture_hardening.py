@@ -744,3 +744,42 @@ def test_captured_inputs_do_not_outlive_their_graph(mode):
     finally:
         gc.enable()
         hook.remove()
+
+
+# ================================================== 9. activation checkpointing
+class CheckpointNet(nn.Module):
+    def __init__(self, reentrant: bool | None):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.reentrant = reentrant  # None: no checkpointing (the oracle's torch.func cannot run it)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.a(x))
+        seg = lambda t: torch.tanh(self.b(t))  # noqa: E731
+        h = seg(h) if self.reentrant is None else \
+            torch.utils.checkpoint.checkpoint(seg, h, use_reentrant=self.reentrant)
+        return self.c(h)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_non_reentrant_checkpointing_is_exact(mode):
+    ds = regression_data()
+    model = seeded(lambda: CheckpointNet(False).to(F64))()
+    ref = copy.deepcopy(model)
+    ref.reentrant = None
+    _, model, opt, dl = private(model, ds, mode=mode, C=0.5)
+    for x, y in dl:
+        opt.zero_grad()
+        sum_mse(model(x), y).backward()
+        opt.step()
+    assert_grads(model, clipped_sum(oracle_per_sample(ref, sum_mse, *ds.tensors), 0.5))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_reentrant_checkpointing_is_refused_naming_the_fix(mode):
+    ds = regression_data()
+    _, model, opt, dl = private(seeded(lambda: CheckpointNet(True).to(F64))(), ds, mode=mode)
+    x, y = next(iter(dl))
+    with pytest.raises(PerSampleGradientError, match=r"reentrant activation checkpointing.*use_reentrant=False"):
+        sum_mse(model(x), y).backward()
+    assert all(float(t.abs().max()) == 0 for t in opt.clipped_grads_for_debugging().values())  # nothing kept

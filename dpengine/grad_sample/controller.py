@@ -32,6 +32,7 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.module import _global_forward_hooks  # read, never replaced, by torch's module calls
 
 from ..clipping import ClippingPolicy
 from . import fused
@@ -481,6 +482,40 @@ def _stack_repeated_calls(pending: list[tuple[TrackedLayer, Record]]) -> list[tu
     return [merged.get(i, p) for i, p in enumerate(pending) if i not in drop]
 
 
+class _Ahead:
+    """Notes the output a layer's forward returned, through a one-shot global forward hook placed first among
+    the global hooks (they all run before the layer's own hooks): the capture hook compares it, and its
+    version, with the output it is handed. Installed only for a call that some hook runs ahead of the capture
+    (see ``GradSampleController._watch_ahead``), never in the common case."""
+
+    NONE: "_Ahead"
+
+    def __init__(self, layer: nn.Module | None) -> None:
+        self.layer, self.seen = layer, None
+        self.handle = None
+        if layer is not None:
+            self.handle = torch.nn.modules.module.register_module_forward_hook(self._note, always_call=True)
+            _global_forward_hooks.move_to_end(self.handle.id, last=False)
+
+    def _note(self, module: nn.Module, args: Any, out: Any) -> None:
+        if module is self.layer and self.seen is None:
+            self.seen = (out, out._version if isinstance(out, Tensor) else None)
+            self.remove()
+
+    def remove(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+    def unchanged(self, out: Any) -> bool:
+        self.remove()
+        return self.seen is not None and self.seen[0] is out and (
+            not isinstance(out, Tensor) or out._version == self.seen[1])
+
+
+_Ahead.NONE = _Ahead(None)
+
+
 class _Calls(NamedTuple):
     """What the handler is asked for one record: ``norm_sq`` of ``norm`` (``covered``: the names among them
     whose rows a ``RowPack`` sums, their norms inside a joint form) and ``clipped_sum`` of ``sums``."""
@@ -570,10 +605,17 @@ class GradSampleController(BatchLedger):
         weakref.finalize(self, _CONTROLLERS.pop, self._ctl_key, None)
         self._inflight: dict[int, tuple[TrackedLayer, Record]] = {}
         self._handles = [module.register_forward_pre_hook(self._root_pre_hook)]
+        # The capture hook is the layer's first forward hook (prepend): it taps the output the layer's forward
+        # returned, before a user's forward hook (registered before or after make_private) transforms it. Only a
+        # global forward hook or a user hook prepended later can run ahead of it: see ``_Ahead``.
+        self._capture_ids: dict[int, int] = {}  # id(tracked layer) -> id of its capture hook's handle
+        self._ahead: dict[int, _Ahead] = {}  # layers whose call is watched by an _Ahead right now
         for index, tl in enumerate(self.layers):
             self._handles.append(tl.module.register_forward_pre_hook(self._make_pre_hook(tl)))
-            self._handles.append(
-                tl.module.register_forward_hook(self._make_hook(tl, index), with_kwargs=True, always_call=True))
+            handle = tl.module.register_forward_hook(self._make_hook(tl, index), with_kwargs=True, always_call=True,
+                                                     prepend=True)
+            self._handles.append(handle)
+            self._capture_ids[id(tl)] = handle.id
         if self.loss_scale != 1.0:  # last: a model that is itself a tracked layer is tapped before it is scaled
             self._handles.append(module.register_forward_hook(self._scale_outputs))
 
@@ -631,17 +673,39 @@ class GradSampleController(BatchLedger):
                 self._swapped.add(id(tl))
                 for n, p in zip(tl.names, tl.params):
                     layer._parameters[n] = p.detach()  # alias: same storage, no autograd edge
+                if _global_forward_hooks or next(iter(layer._forward_hooks), None) != self._capture_ids[id(tl)]:
+                    self._watch_ahead(tl, layer)
         return pre_hook
+
+    def _watch_ahead(self, tl: TrackedLayer, layer: nn.Module) -> None:
+        """Forward hooks will run before the capture hook in this call (global ones, or one registered on the
+        layer with ``prepend=True`` after make_private): have the output the forward returns noted first, so
+        the capture can refuse a call whose output they replaced or modified in place."""
+        if torch.compiler.is_compiling():
+            raise PerSampleGradientError(
+                f"layer '{tl.name}' ({type(layer).__name__}) has forward hooks that run before dpengine's capture (a "
+                "global hook from torch.nn.modules.module.register_module_forward_hook, or a hook registered on "
+                "the layer with prepend=True after make_private); under torch.compile dpengine cannot check that "
+                "they leave the layer's output as it is. Remove them, or register them on the layer without "
+                "prepend=True.")
+        self._ahead.pop(id(tl), _Ahead.NONE).remove()
+        self._ahead[id(tl)] = _Ahead(layer)
 
     def _positional(self, layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """Inputs given by keyword (``lin(input=x)``) moved to their positions, so ``args[0]`` is the input."""
         key = type(layer)
-        if key not in self._signatures:
+        if key not in self._signatures or "forward" in vars(layer):  # a forward of its own: not the class's
             try:
-                self._signatures[key] = inspect.signature(layer.forward)
+                sig = inspect.signature(layer.forward)
             except (TypeError, ValueError):
-                self._signatures[key] = None
-        sig = self._signatures[key]
+                sig = None
+            if "forward" in vars(layer):
+                return self._bind(sig, args, kwargs)
+            self._signatures[key] = sig
+        return self._bind(self._signatures[key], args, kwargs)
+
+    @staticmethod
+    def _bind(sig: inspect.Signature | None, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if sig is None:
             return args, kwargs
         try:
@@ -669,6 +733,16 @@ class GradSampleController(BatchLedger):
             self._swapped.discard(id(tl))
             for n, p in zip(tl.names, tl.params):
                 layer._parameters[n] = p
+            ahead = self._ahead.pop(id(tl), None)
+            if ahead is not None and not ahead.unchanged(out):
+                raise PerSampleGradientError(
+                    f"a forward hook that runs before dpengine's capture changed the output of layer '{tl.name}' "
+                    f"({type(layer).__name__}), or dpengine could not check that it left it alone (under "
+                    "torch.compile): a global hook (torch.nn.modules.module.register_module_forward_hook) or a hook "
+                    "registered on the layer with prepend=True after make_private. dpengine's per-sample rules need "
+                    "the gradient of the layer's own output. Register the hook on the layer itself without "
+                    "prepend=True (dpengine then captures the output before the hook transforms it), or apply the "
+                    "change outside the layer.")
             if not isinstance(out, Tensor):
                 raise PerSampleGradientError(
                     f"layer '{tl.name}' ({type(layer).__name__}) returned {type(out).__name__}; dpengine captures "
@@ -700,6 +774,9 @@ class GradSampleController(BatchLedger):
             # in-place change to it before the reduction: remember its version (detach shares the counter)
             if not compiling:
                 rec.extra["versions"] = [(i, x._version) for i, x in enumerate(args) if isinstance(x, Tensor)]
+                task = torch._C._current_graph_task_id()
+                if task != -1:  # called inside a backward: a recomputation (activation checkpointing)
+                    rec.extra["forward_task"] = task
             anchor = not self._anchored
             self._anchored = True
             self._calls[id(tl)] = self._calls.get(id(tl), 0) + 1
@@ -810,6 +887,19 @@ class GradSampleController(BatchLedger):
         rec.g = g
         rec.extra["g_version"] = g._version
         task = torch._C._current_graph_task_id()
+        if rec.extra.pop("forward_task", task) != task:
+            # the layer ran inside one backward and its gradient arrives in another, nested one: reentrant
+            # activation checkpointing recomputes a segment in the backward and runs a backward of its own over
+            # it, which dpengine would clip as a second backward of the batch
+            raise PerSampleGradientError(
+                f"layer '{tl.name}' ({type(tl.module).__name__}) was recomputed inside a backward and its gradient "
+                "came from a nested backward pass: reentrant activation checkpointing "
+                "(torch.utils.checkpoint.checkpoint(..., use_reentrant=True), the default of older torch and of "
+                "some libraries' gradient_checkpointing_enable()). It runs a separate backward per checkpointed "
+                "segment, which dpengine would clip on its own, so a sample could contribute more than "
+                "max_grad_norm. Use torch.utils.checkpoint.checkpoint(..., use_reentrant=False) (exact with "
+                "dpengine; in transformers: gradient_checkpointing_enable(gradient_checkpointing_kwargs="
+                "{'use_reentrant': False})).")
         if self._queued_for != task:  # first tap of this backward
             self._pending = []  # drop what an earlier backward that raised left behind
             self._clear_staged()

@@ -80,6 +80,7 @@ class ConvHandler(LayerHandler):
     weight gradient that autograd no longer computes."""
 
     has_gram = True
+    forward_methods = ("forward", "_conv_forward")  # forward calls _conv_forward, whose padding the rules redo
 
     def _ag(self, layer: nn.Module, rec: Record) -> tuple[Tensor, Tensor]:
         """Unfolded input (B G, C/G*K, L) and gradient (B G, O/G, L), one matrix per sample and group (3-D, so

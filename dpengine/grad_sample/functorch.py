@@ -8,6 +8,10 @@ Which arguments are per sample is decided by where they come from, never by thei
 data input (its first argument) is; every other argument is shared by all samples (a constant table, a
 mask built for the whole batch). Deciding by "dimension 0 equals the batch size" would treat a constant
 (8, d) table as per sample exactly when a Poisson batch happens to have 8 records.
+
+The layer is re-run through its ``forward`` alone, not its ``__call__``: the captured inputs are what
+``forward`` received (after any forward pre-hooks) and ``g`` is the gradient of what ``forward`` returned
+(before any forward hooks), so running the hooks again would compute a different function.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ from __future__ import annotations
 from typing import Any
 
 from torch import Tensor, nn
-from torch.func import functional_call, vjp, vmap
+from torch.func import vjp, vmap
+from torch.nn.utils.stateless import _reparametrize_module  # what torch.func.functional_call runs, hooks aside
 
 from .registry import LayerHandler, PerSampleGradientError, Record
 
@@ -54,7 +59,8 @@ class FunctorchHandler(LayerHandler):
             kws = {k: (v.unsqueeze(0) if bt else v) for k, v, bt in zip(kw_names, xs[len(rec.args):], kw_batched)}
 
             def f(p: dict[str, Tensor]) -> Tensor:
-                return functional_call(layer, {**p, **frozen}, tuple(args), kws)
+                with _reparametrize_module(layer, {**p, **frozen}):
+                    return layer.forward(*args, **kws)
 
             _, pullback = vjp(f, params)
             return pullback(g_i.unsqueeze(0))[0]

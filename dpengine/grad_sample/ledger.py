@@ -158,7 +158,8 @@ class BatchLedger:
         if self.repeated_batches:
             return (f"a batch from the private data loader was reduced by more than one backward pass "
                     f"({self.repeated_batches} extra): a second backward over the same batch (in this step or, "
-                    "with a batch reused, a later one), or two losses with two backward() calls. Each backward is "
+                    "with a batch reused, a later one), two losses with two backward() calls, or reentrant activation "
+                    "checkpointing (use torch.utils.checkpoint.checkpoint(..., use_reentrant=False)). Each backward is "
                     "clipped on its own, so a sample in both could contribute up to 2 * max_grad_norm (and the "
                     "accountant assumes a fresh Poisson batch for every step). Add the losses and call backward "
                     "once, take the next batch from the loader for the next step, and run passes that are not the "

@@ -142,6 +142,10 @@ class LayerHandler:
     #: the total squared norm of those parameters under the key ``JOINT``, which can be cheaper than the
     #: parts (a Linear's bias norm comes out of the weight's Gram matrices for one extra add).
     joint_norms: bool = False
+    #: The methods of the registered class whose computation the handler's rules assume: a subclass (or an
+    #: instance) that replaces any of them computes something else, so the handler does not apply to it
+    #: (``find_handler``). ``forward`` always; e.g. ``_conv_forward`` for the convolutions.
+    forward_methods: tuple[str, ...] = ("forward",)
 
     def problems(self, layer: nn.Module) -> list[str]:
         """Reasons this layer cannot be trained privately (empty if it can)."""
@@ -268,16 +272,51 @@ def _qualname(t: type) -> str:
     return f"{t.__module__}.{t.__qualname__}"
 
 
-def find_handler(layer: nn.Module) -> LayerHandler | None:
-    """The handler registered for the layer's class or, failing that, its nearest registered base class."""
-    for t in type(layer).__mro__:
+def _registered(cls: type) -> tuple[type, LayerHandler] | None:
+    """The nearest class in ``cls``'s MRO with a registered handler (by type or qualified name), and the handler."""
+    for t in cls.__mro__:
         if t in _BY_TYPE:
-            return _BY_TYPE[t]
+            return t, _BY_TYPE[t]
         if _qualname(t) in _BY_NAME:
-            return _BY_NAME[_qualname(t)]
+            return t, _BY_NAME[_qualname(t)]
         if t is nn.Module:
             break
     return None
+
+
+def overrides(layer: nn.Module, base: type, methods: tuple[str, ...] = ("forward",)) -> list[str]:
+    """The methods among ``methods`` that ``layer`` (an instance of ``base`` or of a subclass) does not run as
+    ``base`` defines them: redefined by a class between ``type(layer)`` and ``base`` in the MRO, or assigned on
+    the instance (``layer.forward = ...``). Empty for ``base`` itself.
+
+    This is the one rule by which a rule written for a layer class reaches its subclasses: a per-sample
+    handler (``find_handler``) or ``dpengine.fix``'s swap of an attention or recurrent layer applies to a
+    subclass only if it computes what the class computes. A ``ScaledEmbedding(nn.Embedding)`` whose forward
+    returns ``super().forward(x) * 8`` does not: nn.Embedding's per-sample rule would miss the factor 8."""
+    cls = type(layer)
+    return [m for m in methods if m in vars(layer) or getattr(cls, m, None) is not getattr(base, m, None)]
+
+
+def find_handler(layer: nn.Module) -> LayerHandler | None:
+    """The handler registered for the layer's class or, failing that, its nearest registered base class,
+    provided the layer runs that class's own ``forward`` (see ``overrides``). None when no handler applies:
+    the layer then takes the generic torch.func rule if it qualifies, else ``dpengine.validate`` reports it."""
+    found = _registered(type(layer))
+    if found is None:
+        return None
+    base, handler = found
+    return None if overrides(layer, base, handler.forward_methods) else handler
+
+
+def shadowed_handler(layer: nn.Module) -> tuple[type, list[str]] | None:
+    """(registered base class, overridden methods) when a handler is registered for a base class of ``layer``
+    but does not apply because ``layer`` overrides its forward; None otherwise."""
+    found = _registered(type(layer))
+    if found is None:
+        return None
+    base, handler = found
+    changed = overrides(layer, base, handler.forward_methods)
+    return (base, changed) if changed else None
 
 
 def direct_trainable(layer: nn.Module) -> list[tuple[str, nn.Parameter]]:
