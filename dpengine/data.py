@@ -293,7 +293,10 @@ class DPDataLoader(DataLoader):
     expected_batch_size: float
     on_batch: Callable[[int], None] | None = None
     """Called with the number of records in each batch just before it is yielded (0 for an empty batch);
-    the engine checks it against the batch dimension every layer sees."""
+    the engine checks it against the batch dimension every layer sees, and counts the batches per step."""
+    on_leave: Callable[[int], None] | None = None
+    """Called when an iteration is left before its end (``break``, or the iterator dropped), with the number
+    of batches it yielded (``BatchLedger.left_loop``)."""
 
     @classmethod
     def from_data_loader(cls, data_loader: DataLoader, generator: torch.Generator | None = None,
@@ -363,14 +366,21 @@ class DPDataLoader(DataLoader):
             batches = super().__iter__()
         finally:
             sampler._size_sink = None
-        return self._reported(batches, sizes, callback)
+        return self._reported(batches, sizes, callback, self.on_leave)
 
     @staticmethod
-    def _reported(batches: Iterator[Any], sizes: collections.deque[int],
-                  callback: Callable[[int], None]) -> Iterator[Any]:
-        for batch in batches:  # yielded in sampler order, also with workers, so popleft stays aligned
-            callback(sizes.popleft())
-            yield batch
+    def _reported(batches: Iterator[Any], sizes: collections.deque[int], callback: Callable[[int], None],
+                  on_leave: Callable[[int], None] | None) -> Iterator[Any]:
+        yielded = 0
+        try:
+            for batch in batches:  # yielded in sampler order, also with workers, so popleft stays aligned
+                callback(sizes.popleft())
+                yielded += 1
+                yield batch
+        except GeneratorExit:  # the loop was left at the last yield
+            if on_leave is not None:
+                on_leave(yielded)
+            raise
 
 
 class _ChunkingBatchSampler(Sampler[list[int]]):
@@ -424,6 +434,10 @@ class VirtualSteps:
 
     def __iter__(self) -> Iterator[Any]:
         dl = self.data_loader
+        # the loader make_private returned reports its batches to the optimizer's gradient source; the chunks
+        # of any other loader (e.g. the original one) are unverified, as in a plain loop over it
+        source = getattr(getattr(dl, "on_batch", None), "__self__", None)
+        private = source is not None and source is getattr(self.optimizer, "controller", None)
         ends: collections.deque = collections.deque()
         chunked = DataLoader(
             dl.dataset,
@@ -433,10 +447,15 @@ class VirtualSteps:
             pin_memory=dl.pin_memory,
             worker_init_fn=dl.worker_init_fn,
         )
+        logical, left = 0, False
         try:
             for batch in chunked:  # DataLoader yields in sampler order, so the flags stay aligned
                 first, last, size = ends.popleft()
-                self.optimizer.signal_chunk(first, last, size)
+                logical += first
+                self.optimizer.signal_chunk(first, last, size, private)
                 yield batch
+        except GeneratorExit:  # the loop was left at the last yield
+            left = True
+            raise
         finally:
-            self.optimizer.end_virtual_steps()
+            self.optimizer.end_virtual_steps(logical if left else 0)

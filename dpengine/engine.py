@@ -223,6 +223,7 @@ class PrivacyEngine:
             # every batch the loader yields tells the controller its size: the batch every tracked layer
             # must see as dimension 0, reduced by exactly one backward
             data_loader.on_batch = self.controller.note_batch
+            data_loader.on_leave = self.controller.left_loop
         self.optimizer = DPOptimizer(
             optimizer, controller=self.controller, noise_multiplier=noise_multiplier,
             policy=policy, expected_batch_size=expected_batch_size, sample_rate=sample_rate,
