@@ -60,6 +60,8 @@ class PoissonBatchSampler(Sampler[list[int]]):
             generator = torch.Generator()
             generator.manual_seed(secrets.randbits(63))
         self.generator = generator
+        #: the generator's state before the batch drawn last (None: nothing drawn yet, or secure)
+        self.state_before_draw: torch.Tensor | None = None
         self._size_sink: collections.deque[int] | None = None  # set by DPDataLoader.__iter__
 
     def __len__(self) -> int:
@@ -69,6 +71,24 @@ class PoissonBatchSampler(Sampler[list[int]]):
         """Accepted and ignored, so a data-parallel loop written for ``DistributedSampler`` runs unchanged:
         every batch is a fresh draw from the sampler's randomness, so no epoch needs to reseed it (and every
         rank advances its generator by the same draws, whatever the epoch)."""
+
+    def generator_state(self, rewind: bool) -> torch.Tensor | None:
+        """The generator state a resumed run continues from (None in secure mode: there is none). ``rewind``:
+        the batch drawn last was never stepped, so the state from before it (the resumed run draws that batch
+        again; nothing of it was released). With ``num_workers > 0`` the loader draws batches ahead; those
+        are skipped on resume, never repeated."""
+        if self.generator is None:
+            return None
+        if rewind and self.state_before_draw is not None:
+            return self.state_before_draw.clone()
+        return self.generator.get_state()
+
+    def set_generator_state(self, state: torch.Tensor) -> None:
+        """Continue the stream of ``generator_state``."""
+        if self.generator is None:
+            raise ValueError("a secure sampler has no generator state to restore")
+        self.generator.set_state(state)
+        self.state_before_draw = None
 
     def _mask(self) -> torch.Tensor:
         """One inclusion decision per candidate index (see the class docstring for the probability)."""
@@ -86,6 +106,8 @@ class PoissonBatchSampler(Sampler[list[int]]):
 
     def _batches(self, sink: collections.deque[int] | None) -> Iterator[list[int]]:
         for _ in range(self.steps):
+            if self.generator is not None:  # a checkpoint taken before this batch is stepped resumes here
+                self.state_before_draw = self.generator.get_state()
             mask = self._mask()
             batch = (mask.nonzero().flatten() if self.indices is None else self.indices[mask]).tolist()
             if sink is not None:

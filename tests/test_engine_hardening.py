@@ -508,3 +508,70 @@ def test_empty_batches_still_step_with_their_backward():
         opt.step()
     assert 0 in sizes and engine.accountant.total_steps == 20
 
+
+# ---------------------------------------------------------------------------------------- 7. resumed sampling
+def _run(engine, model, opt, dl, steps: int, break_before_step: bool = False) -> list[list[int]]:
+    """``steps`` steps; the records (ids) of each. ``break_before_step``: the loop then draws one more batch
+    and leaves it (``if i == steps: break`` at the top of the loop)."""
+    seen = []
+    while len(seen) < steps:
+        for x, y, ids in dl:
+            if len(seen) == steps:
+                break
+            seen.append(sorted(ids.tolist()))
+            opt.zero_grad()
+            F.cross_entropy(model(x), y, reduction="sum").backward()
+            opt.step()
+            if len(seen) == steps and not break_before_step:
+                break
+    return seen
+
+
+@pytest.mark.parametrize("break_before_step", [False, True])
+def test_a_resumed_seeded_run_continues_the_sampling_stream(tmp_path, break_before_step):
+    full = _run(*_private(seed=7, sigma=1.0), 13)
+    engine, model, opt, dl = _private(seed=7, sigma=1.0)
+    first = _run(engine, model, opt, dl, 5, break_before_step)
+    path = str(tmp_path / "c.pt")
+    engine.save_checkpoint(path, module=model, optimizer=opt)
+    assert isinstance(torch.load(path, weights_only=True)["engine"]["sampling"], torch.Tensor)
+    engine2, model2, opt2, dl2 = _private(seed=7, sigma=1.0)
+    engine2.load_checkpoint(path, module=model2, optimizer=opt2)
+    resumed = _run(engine2, model2, opt2, dl2, 8)
+    assert first == full[:5] and resumed == full[5:]
+    assert resumed[:5] != first  # not the first steps' memberships again
+
+
+def test_state_loaded_before_make_private_also_resumes_sampling():
+    full = _run(*_private(seed=7), 10)
+    engine, model, opt, dl = _private(seed=7)
+    _run(engine, model, opt, dl, 4)
+    state = engine.state_dict()
+    engine2 = PrivacyEngine(seed=7)
+    engine2.load_state_dict(state)
+    model2 = _mlp()
+    _, _, _, dl2 = _private(seed=7)  # the same records
+    model2, opt2, dl2 = engine2.make_private(module=model2, optimizer=torch.optim.SGD(model2.parameters(), lr=0.1),
+                                             data_loader=DataLoader(dl2.dataset, batch_size=4), noise_multiplier=0.0,
+                                             max_grad_norm=1.0, loss_reduction="sum")
+    assert _run(engine2, model2, opt2, dl2, 6) == full[4:]
+
+
+def test_a_checkpoint_without_sampler_state_reseeds_the_sampler_with_a_warning(tmp_path):
+    engine, model, opt, dl = _private(seed=7)
+    first = _run(engine, model, opt, dl, 6)
+    ckpt_path = str(tmp_path / "old.pt")
+    engine.save_checkpoint(ckpt_path, module=model, optimizer=opt)
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    del ckpt["engine"]["sampling"]  # as dpengine wrote checkpoints before it saved the sampler
+    torch.save(ckpt, ckpt_path)
+    engine2, model2, opt2, dl2 = _private(seed=7)
+    with pytest.warns(UserWarning, match="no Poisson sampler state(.|\n)*replay(.|\n)*reseeded"):
+        engine2.load_checkpoint(ckpt_path, module=model2, optimizer=opt2)
+    assert _run(engine2, model2, opt2, dl2, 6) != first  # not the seeded stream from its start again
+
+
+def test_secure_state_holds_no_sampler_state():
+    engine, model, opt, dl = _secure_private()
+    _train(model, opt, dl, 2)
+    assert engine.state_dict()["sampling"] is None
