@@ -430,6 +430,9 @@ class VirtualSteps:
     batch; clipped sums accumulate exactly, so the result equals that of the whole logical batch.
     Before each chunk it calls ``optimizer.signal_chunk(first, last, size)``, ``size`` being the number of
     records in that chunk (0 for an empty logical batch). Equivalent to Opacus' ``BatchMemoryManager``.
+    Iterate it over the loader ``make_private`` returned: around another loader the chunks are unverified
+    (no Poisson sampling, batch unchecked), with the warning a plain loop over that loader gives. Call
+    ``step()`` after every chunk: a step holding chunks of two logical batches is refused.
     Use as::
 
         for x, y in VirtualSteps(loader, max_physical_batch_size=32, optimizer=optimizer):
