@@ -60,6 +60,8 @@ class PoissonBatchSampler(Sampler[list[int]]):
             generator = torch.Generator()
             generator.manual_seed(secrets.randbits(63))
         self.generator = generator
+        #: the generator's state before the batch drawn last (None: nothing drawn yet, or secure)
+        self.state_before_draw: torch.Tensor | None = None
         self._size_sink: collections.deque[int] | None = None  # set by DPDataLoader.__iter__
 
     def __len__(self) -> int:
@@ -69,6 +71,24 @@ class PoissonBatchSampler(Sampler[list[int]]):
         """Accepted and ignored, so a data-parallel loop written for ``DistributedSampler`` runs unchanged:
         every batch is a fresh draw from the sampler's randomness, so no epoch needs to reseed it (and every
         rank advances its generator by the same draws, whatever the epoch)."""
+
+    def generator_state(self, rewind: bool) -> torch.Tensor | None:
+        """The generator state a resumed run continues from (None in secure mode: there is none). ``rewind``:
+        the batch drawn last was never stepped, so the state from before it (the resumed run draws that batch
+        again; nothing of it was released). With ``num_workers > 0`` the loader draws batches ahead; those
+        are skipped on resume, never repeated."""
+        if self.generator is None:
+            return None
+        if rewind and self.state_before_draw is not None:
+            return self.state_before_draw.clone()
+        return self.generator.get_state()
+
+    def set_generator_state(self, state: torch.Tensor) -> None:
+        """Continue the stream of ``generator_state``."""
+        if self.generator is None:
+            raise ValueError("a secure sampler has no generator state to restore")
+        self.generator.set_state(state)
+        self.state_before_draw = None
 
     def _mask(self) -> torch.Tensor:
         """One inclusion decision per candidate index (see the class docstring for the probability)."""
@@ -86,6 +106,8 @@ class PoissonBatchSampler(Sampler[list[int]]):
 
     def _batches(self, sink: collections.deque[int] | None) -> Iterator[list[int]]:
         for _ in range(self.steps):
+            if self.generator is not None:  # a checkpoint taken before this batch is stepped resumes here
+                self.state_before_draw = self.generator.get_state()
             mask = self._mask()
             batch = (mask.nonzero().flatten() if self.indices is None else self.indices[mask]).tolist()
             if sink is not None:
@@ -293,7 +315,10 @@ class DPDataLoader(DataLoader):
     expected_batch_size: float
     on_batch: Callable[[int], None] | None = None
     """Called with the number of records in each batch just before it is yielded (0 for an empty batch);
-    the engine checks it against the batch dimension every layer sees."""
+    the engine checks it against the batch dimension every layer sees, and counts the batches per step."""
+    on_leave: Callable[[int], None] | None = None
+    """Called when an iteration is left before its end (``break``, or the iterator dropped), with the number
+    of batches it yielded (``BatchLedger.left_loop``)."""
 
     @classmethod
     def from_data_loader(cls, data_loader: DataLoader, generator: torch.Generator | None = None,
@@ -363,14 +388,21 @@ class DPDataLoader(DataLoader):
             batches = super().__iter__()
         finally:
             sampler._size_sink = None
-        return self._reported(batches, sizes, callback)
+        return self._reported(batches, sizes, callback, self.on_leave)
 
     @staticmethod
-    def _reported(batches: Iterator[Any], sizes: collections.deque[int],
-                  callback: Callable[[int], None]) -> Iterator[Any]:
-        for batch in batches:  # yielded in sampler order, also with workers, so popleft stays aligned
-            callback(sizes.popleft())
-            yield batch
+    def _reported(batches: Iterator[Any], sizes: collections.deque[int], callback: Callable[[int], None],
+                  on_leave: Callable[[int], None] | None) -> Iterator[Any]:
+        yielded = 0
+        try:
+            for batch in batches:  # yielded in sampler order, also with workers, so popleft stays aligned
+                callback(sizes.popleft())
+                yielded += 1
+                yield batch
+        except GeneratorExit:  # the loop was left at the last yield
+            if on_leave is not None:
+                on_leave(yielded)
+            raise
 
 
 class _ChunkingBatchSampler(Sampler[list[int]]):
@@ -398,6 +430,9 @@ class VirtualSteps:
     batch; clipped sums accumulate exactly, so the result equals that of the whole logical batch.
     Before each chunk it calls ``optimizer.signal_chunk(first, last, size)``, ``size`` being the number of
     records in that chunk (0 for an empty logical batch). Equivalent to Opacus' ``BatchMemoryManager``.
+    Iterate it over the loader ``make_private`` returned: around another loader the chunks are unverified
+    (no Poisson sampling, batch unchecked), with the warning a plain loop over that loader gives. Call
+    ``step()`` after every chunk: a step holding chunks of two logical batches is refused.
     Use as::
 
         for x, y in VirtualSteps(loader, max_physical_batch_size=32, optimizer=optimizer):
@@ -424,6 +459,10 @@ class VirtualSteps:
 
     def __iter__(self) -> Iterator[Any]:
         dl = self.data_loader
+        # the loader make_private returned reports its batches to the optimizer's gradient source; the chunks
+        # of any other loader (e.g. the original one) are unverified, as in a plain loop over it
+        source = getattr(getattr(dl, "on_batch", None), "__self__", None)
+        private = source is not None and source is getattr(self.optimizer, "controller", None)
         ends: collections.deque = collections.deque()
         chunked = DataLoader(
             dl.dataset,
@@ -433,10 +472,15 @@ class VirtualSteps:
             pin_memory=dl.pin_memory,
             worker_init_fn=dl.worker_init_fn,
         )
+        logical, left = 0, False
         try:
             for batch in chunked:  # DataLoader yields in sampler order, so the flags stay aligned
                 first, last, size = ends.popleft()
-                self.optimizer.signal_chunk(first, last, size)
+                logical += first
+                self.optimizer.signal_chunk(first, last, size, private)
                 yield batch
+        except GeneratorExit:  # the loop was left at the last yield
+            left = True
+            raise
         finally:
-            self.optimizer.end_virtual_steps()
+            self.optimizer.end_virtual_steps(logical if left else 0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import secrets
 import warnings
 import weakref
 from collections.abc import Mapping, Sequence
@@ -18,7 +19,7 @@ from . import accounting
 from ._validate import non_negative, one_of
 from .clipping import ClippingMode, ClippingPolicy, LipschitzBounds, amplified, make_policy
 from . import distributed
-from .data import DPDataLoader
+from .data import DPDataLoader, PoissonBatchSampler
 from .grad_sample.controller import (GradSampleController, GradSampleMode, LossReduction, check_loss_scale,
                                       trainable_layers)
 from .noise import GaussianNoise
@@ -78,6 +79,9 @@ class PrivacyEngine:
         self.secure_mode = secure_mode
         self.noise = GaussianNoise(seed=seed, secure_mode=secure_mode)
         self._sampling_seed = None if (secure_mode or seed is None) else int(seed) + 1
+        self._sampler: PoissonBatchSampler | None = None  # the private loader's (None: not Poisson, or not yet)
+        #: a sampler state loaded before make_private built the sampler ("reseed": see ``_load_sampling``)
+        self._sampling_pending: torch.Tensor | str | None = None
         self.controller: GradSampleController | None = None
         self.optimizer: DPOptimizer | None = None
 
@@ -196,6 +200,10 @@ class PrivacyEngine:
             data_loader = DPDataLoader.from_data_loader(
                 data_loader, generator=gen, secure=self.secure_mode,
                 shard=None if dctx is None else (dctx.rank, dctx.world_size))
+            self._sampler = data_loader.batch_sampler  # type: ignore[assignment]
+            pending, self._sampling_pending = self._sampling_pending, None
+            if pending is not None:
+                self._restore_sampling(pending)
             # with shard=, the global expected batch: q times the whole dataset, summed over the ranks
             sample_rate, expected_batch_size = data_loader.sample_rate, data_loader.expected_batch_size
         else:
@@ -223,6 +231,7 @@ class PrivacyEngine:
             # every batch the loader yields tells the controller its size: the batch every tracked layer
             # must see as dimension 0, reduced by exactly one backward
             data_loader.on_batch = self.controller.note_batch
+            data_loader.on_leave = self.controller.left_loop
         self.optimizer = DPOptimizer(
             optimizer, controller=self.controller, noise_multiplier=noise_multiplier,
             policy=policy, expected_batch_size=expected_batch_size, sample_rate=sample_rate,
@@ -325,10 +334,61 @@ class PrivacyEngine:
 
     # ------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """Accountant history, secure mode, and (outside secure mode) the noise seed and generator states;
-        save it with the model and optimizer. Plain types and tensors only (``torch.load(weights_only=True)``)."""
+        """Accountant history, secure mode, and (outside secure mode) the noise seed and generator states and
+        the Poisson sampler's generator state (``"sampling"``; None in secure mode or without Poisson
+        sampling); save it with the model and optimizer. Plain types and tensors only
+        (``torch.load(weights_only=True)``).
+
+        A resumed run continues the sampling stream exactly where this run is: if a batch was drawn since
+        the last step, the state from before it (the resumed run draws that batch for its first step)."""
+        sampling = None
+        if self._sampler is not None:
+            sampling = self._sampler.generator_state(
+                rewind=bool(getattr(self.controller, "drawn_unstepped", False)))
+        elif isinstance(self._sampling_pending, torch.Tensor):
+            sampling = self._sampling_pending.clone()
         return {"accountant": self.accountant.state_dict(), "noise": self.noise.state_dict(),
-                "secure_mode": self.secure_mode, "steps_taken": self.optimizer.steps_taken if self.optimizer else 0}
+                "secure_mode": self.secure_mode, "steps_taken": self.optimizer.steps_taken if self.optimizer else 0,
+                "sampling": sampling}
+
+    def _restore_sampling(self, state: torch.Tensor | str) -> None:
+        """Continue a saved sampling stream, or ("reseed") draw a fresh seed for a seeded sampler."""
+        sampler = self._sampler
+        if sampler is None or sampler.generator is None:
+            return
+        if isinstance(state, str):
+            sampler.generator.manual_seed(secrets.randbits(63))
+            sampler.state_before_draw = None
+        else:
+            sampler.set_generator_state(state)
+
+    def _load_sampling(self, state: dict[str, Any]) -> None:
+        """The sampler's part of ``load_state_dict``. A secure engine keeps drawing from the OS CSPRNG.
+
+        A state without the key (a checkpoint written before dpengine saved the sampler) cannot continue
+        the stream. A seeded sampler would then start its stream again from the seed and replay the batch
+        memberships of the run's first steps, which the accountant would count as fresh, independent
+        samples: it is reseeded from the OS CSPRNG instead, with a warning (the run stays private, but the
+        rest of it is not reproducible). An unseeded sampler is already fresh."""
+        if self.secure_mode:
+            return
+        if "sampling" not in state:
+            if self._sampling_seed is None:
+                return
+            warnings.warn("This state holds no Poisson sampler state (it was written before dpengine saved it). "
+                          "This engine's sampler is seeded, so resuming would replay the batch memberships of the "
+                          "run's first steps, which the accountant would count as fresh samples; the sampler was "
+                          "reseeded from the OS CSPRNG instead, and the rest of this run is not reproducible. "
+                          "Checkpoints written now hold the sampler state and resume it exactly.", stacklevel=3)
+            pending: torch.Tensor | str | None = "reseed"
+        else:
+            pending = state["sampling"]
+            if pending is None:
+                return  # secure, or no Poisson sampling: no stream to continue
+        if self._sampler is None:
+            self._sampling_pending = pending  # applied when make_private builds the sampler
+        else:
+            self._restore_sampling(pending)
 
     def _check_loadable(self, state: dict[str, Any]) -> None:
         """Secure mode is never downgraded. A secure engine keeps it whatever it loads (the noise state's
@@ -342,7 +402,9 @@ class PrivacyEngine:
                              "PrivacyEngine(secure_mode=True) (without a seed), then make_private as before.")
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore ``state_dict()`` output; the accountant resumes from its history.
+        """Restore ``state_dict()`` output; the accountant resumes from its history, noise and Poisson
+        sampling from their generator states (before or after ``make_private``; see ``_load_sampling`` for a
+        state without the sampler's).
 
         Raises:
             ValueError: ``state`` comes from a secure-mode run and this engine is not in secure mode.
@@ -350,6 +412,7 @@ class PrivacyEngine:
         self._check_loadable(state)
         self.accountant.load_state_dict(state["accountant"])
         self.noise.load_state_dict(state["noise"])
+        self._load_sampling(state)
         if self.optimizer is not None:
             self.optimizer.steps_taken = int(state.get("steps_taken", 0))
 

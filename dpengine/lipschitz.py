@@ -800,13 +800,13 @@ class LipschitzSums(BatchLedger):
                     self._summed[p] = t
         self.batches_accumulated += 1
 
-    def step_problem(self, in_virtual_steps: bool) -> str | None:
+    def step_problem(self, in_virtual_steps: bool, releasing: bool = True) -> str | None:
         broken = constraint_violations(self.module)
         if broken:
             return ("the Lipschitz constraints do not hold, so the per-sample gradient bounds (and the noise) "
                     "would be wrong: " + "; ".join(broken) + ". Keep the projection that make_private attached "
                     "to the optimizer (it runs after every step), and change weights only through it.")
-        return super().step_problem(in_virtual_steps)
+        return super().step_problem(in_virtual_steps, releasing)
 
     def clear(self) -> None:
         super().clear()

@@ -401,17 +401,23 @@ class DPOptimizer(Optimizer):
     def params(self) -> list[nn.Parameter]:
         return [p for group in self.param_groups for p in group["params"]]
 
-    def signal_chunk(self, first: bool, last: bool, size: int) -> None:
+    def signal_chunk(self, first: bool, last: bool, size: int, private: bool = True) -> None:
         """Virtual steps (used by ``VirtualSteps``): within one logical batch, ``zero_grad`` clears only
         before the first physical chunk and ``step`` applies only after the last one. ``size`` is the
-        number of records in the chunk: the batch every tracked layer must see, reduced once."""
+        number of records in the chunk: the batch every tracked layer must see, reduced once. ``private``:
+        the chunk comes from the loader ``make_private`` returned (else its batch is unverified, with the
+        warning a plain loop over that loader gives)."""
         self._keep_grads = not first
         self._skip_next = not last
         self._in_virtual_steps = True
-        self.controller.note_batch(size)
+        self.controller.note_batch(size if private else None, first)
 
-    def end_virtual_steps(self) -> None:
+    def end_virtual_steps(self, logical_batches: int = 0) -> None:
+        """The ``VirtualSteps`` loop ended; ``logical_batches``: it was left early (``break``) after yielding
+        chunks of that many logical batches (see ``BatchLedger.left_loop``)."""
         self._keep_grads = self._skip_next = self._in_virtual_steps = False
+        if logical_batches:
+            self.controller.left_loop(logical_batches)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self._raise_if_nonfinite(wait=False)
@@ -589,7 +595,8 @@ class DPOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        problem = self._groups_problem() or self.controller.step_problem(in_virtual_steps=self._in_virtual_steps)
+        problem = self._groups_problem() or self.controller.step_problem(
+            in_virtual_steps=self._in_virtual_steps, releasing=not self._skip_next)
         if self.distributed is not None:
             problem = problem or self.distributed.step_problem(self._in_virtual_steps)
             if not self._skip_next:  # each rank's last chunk of the logical batch: the ranks refuse or step together
@@ -598,6 +605,7 @@ class DPOptimizer(Optimizer):
             if self.distributed is not None:
                 self.distributed.reset()
             self.controller.clear()
+            self.controller.forget_drawn()
             self._skip_next = False
             raise RuntimeError(f"The private step was refused and the model is unchanged: {problem}")
         if self._skip_next:
@@ -608,7 +616,11 @@ class DPOptimizer(Optimizer):
             warnings.warn("A private step was taken with the model in eval mode (dropout off, and layers that "
                           "behave differently in training act as at inference). Call model.train() before "
                           "training; the step itself is still private.", stacklevel=2)
-        self._check_budget()
+        try:
+            self._check_budget()
+        except PrivacyBudgetExhaustedError:
+            self.controller.forget_drawn()  # the batch is spent with the refused step
+            raise
         bad = self._privatize()
         self.policy.after_step(self.noise if self.distributed is None else self.distributed.count_noise(self.noise),
                                self.expected_batch_size)

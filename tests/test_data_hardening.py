@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import math
 import os
+import warnings
 from fractions import Fraction
 
 import numpy as np
@@ -293,10 +294,10 @@ class FakeOptimizer:
         self.chunks: list[tuple[bool, bool, int]] = []
         self.ended = 0
 
-    def signal_chunk(self, first: bool, last: bool, size: int) -> None:
+    def signal_chunk(self, first: bool, last: bool, size: int, private: bool = True) -> None:
         self.chunks.append((first, last, size))
 
-    def end_virtual_steps(self) -> None:
+    def end_virtual_steps(self, logical_batches: int = 0) -> None:
         self.ended += 1
 
 
@@ -316,3 +317,57 @@ def test_virtual_steps_signal_the_size_of_each_chunk():
     assert got == logical and [] in logical and max(map(len, logical)) > 1
     sizes = [s for _, _, s in opt.chunks]
     assert 0 in sizes and set(sizes) <= {0, 1}
+
+
+def _private_mlp(n: int = 40, batch: int = 10, shuffle: bool = False, **kw):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    original = DataLoader(TensorDataset(torch.randn(n, 6), torch.randint(0, 3, (n,))), batch_size=batch,
+                          shuffle=shuffle)
+    engine = PrivacyEngine(seed=0)
+    model, opt, dl = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                         data_loader=original, noise_multiplier=0.0, max_grad_norm=1.0, **kw)
+    return engine, model, opt, dl, original
+
+
+def test_virtual_steps_refuse_chunks_of_two_logical_batches_in_one_step():
+    """Gradient accumulation across logical batches (step every 2nd chunk, each chunk a logical batch): one
+    record at q = 1 is in both, so it would contribute 2C to one accounted step."""
+    engine, model, opt, dl, _ = _private_mlp(n=1, batch=1, loss_reduction="sum")  # q = 1
+    before = [p.detach().clone() for p in model.parameters()]
+    chunks = 0
+    with pytest.raises(RuntimeError, match=r"chunks of 2 logical batches(.|\n)*2 \* max_grad_norm(.|\n)*"
+                                           r"step\(\) at the end of each logical batch"):
+        for _ in range(2):
+            for x, y in VirtualSteps(dl, max_physical_batch_size=1, optimizer=opt):
+                torch.nn.functional.cross_entropy(model(x), y, reduction="sum").backward()
+                chunks += 1
+                if chunks % 2 == 0:
+                    opt.step()
+                    opt.zero_grad()
+    assert chunks == 2 and engine.accountant.total_steps == 0
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def test_virtual_steps_over_several_chunks_of_one_logical_batch_still_step():
+    engine, model, opt, dl, _ = _private_mlp(n=40, batch=20)  # expected 20 records: several chunks of 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the private loader: no warning either
+        for x, y in VirtualSteps(dl, max_physical_batch_size=3, optimizer=opt):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    assert engine.accountant.total_steps == len(dl) == 2
+
+
+def test_virtual_steps_over_another_loader_warn_like_the_plain_loop():
+    """VirtualSteps around the original loader (shuffled, fixed-size batches) instead of the private one: the
+    batches are not Poisson samples; the same warning as a plain loop over it."""
+    for wrap in (True, False):
+        engine, model, opt, _, original = _private_mlp(shuffle=True)
+        batches = VirtualSteps(original, max_physical_batch_size=5, optimizer=opt) if wrap else original
+        with pytest.warns(UserWarning, match="did not come from the data loader returned by make_private"):
+            for x, y in batches:
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(model(x), y).backward()
+                opt.step()

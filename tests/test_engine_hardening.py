@@ -532,3 +532,190 @@ def test_max_grad_norm_on_the_optimizer_is_refused_where_the_policy_has_none():
     with pytest.raises(AttributeError, match="policy.thresholds"):
         opt.max_grad_norm
     assert opt.policy.thresholds == (0.5,) * 4  # C / sqrt(4 groups), unchanged
+
+
+# ---------------------------------------------------------------------------------------- 6. one batch per step
+def _private(seed: int = 0, n: int = 40, batch: int = 4, sigma: float = 0.0, reduction: str = "sum", **kw):
+    """A private MLP over ``n`` records (x, y, id) at q = batch / n; the id is each record's index."""
+    engine = PrivacyEngine(seed=seed, **kw)
+    model = _mlp()
+    g = torch.Generator().manual_seed(1)
+    ds = TensorDataset(torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g), torch.arange(n))
+    model, opt, dl = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                         data_loader=DataLoader(ds, batch_size=batch), noise_multiplier=sigma,
+                                         max_grad_norm=1.0, loss_reduction=reduction)
+    return engine, model, opt, dl
+
+
+def _params(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _unchanged(model, before) -> bool:
+    return all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def test_two_loader_batches_of_equal_size_in_one_backward_are_refused():
+    """Two Poisson batches summed into one backward pair their records by row: a record in both contributes 2C
+    to one accounted step. Refused whatever the sizes (the sizes matching made it pass the batch check)."""
+    engine, model, opt, dl = _private()
+    for _ in range(500):
+        it = iter(dl)
+        (x1, y1, _), (x2, y2, _) = next(it), next(it)
+        if len(x1) == len(x2) > 0:
+            break
+        opt.zero_grad()
+        F.cross_entropy(model(x2), y2, reduction="sum").backward()  # step the batches drawn, one each
+        with pytest.raises(RuntimeError, match="2 batches were drawn"):
+            opt.step()
+    else:
+        pytest.fail("no two batches of equal size")
+    before = _params(model)
+    opt.zero_grad()
+    (F.cross_entropy(model(x1), y1, reduction="sum") + F.cross_entropy(model(x2), y2, reduction="sum")).backward()
+    with pytest.raises(RuntimeError, match=r"2 batches were drawn from the private data loader since the last step"
+                                           r"(.|\n)*VirtualSteps(.|\n)*empty Poisson batch is a step too"):
+        opt.step()
+    assert _unchanged(model, before) and engine.accountant.total_steps == 0
+    x, y, _ = next(it)  # the refusal forgot those batches: the next one is a step as usual
+    opt.zero_grad()
+    F.cross_entropy(model(x), y, reduction="sum").backward()
+    opt.step()
+    assert engine.accountant.total_steps == 1
+
+
+def test_a_batch_skipped_inside_the_loop_is_refused_at_the_next_step():
+    """Skipping a batch (e.g. an empty one) changes the sampling the accountant assumes."""
+    engine, model, opt, dl = _private(n=20, batch=1)  # q = 1/20: most batches are empty
+    with pytest.raises(RuntimeError, match="empty Poisson batch is a step too"):
+        for x, y, _ in dl:
+            if len(x) == 0:
+                continue  # the mistake
+            opt.zero_grad()
+            F.cross_entropy(model(x), y, reduction="sum").backward()
+            opt.step()
+
+
+def test_batches_from_two_fresh_iterators_in_one_backward_are_refused():
+    engine, model, opt, dl = _private(n=8, batch=8)  # q = 1: every batch holds every record
+    x1, y1, _ = next(iter(dl))
+    x2, y2, _ = next(iter(dl))
+    (F.cross_entropy(model(x1), y1, reduction="sum") + F.cross_entropy(model(x2), y2, reduction="sum")).backward()
+    with pytest.raises(RuntimeError, match="2 batches were drawn"):
+        opt.step()
+
+
+def test_leaving_an_epoch_early_and_the_last_unstepped_batch_are_fine():
+    engine, model, opt, dl = _private(n=20, batch=2)  # 10 batches per epoch
+    for i, (x, y, _) in enumerate(dl):
+        if i == 3:
+            break  # drawn, never used: left with the loop
+        opt.zero_grad()
+        F.cross_entropy(model(x), y, reduction="sum").backward()
+        opt.step()
+    for x, y, _ in dl:  # the next epoch
+        opt.zero_grad()
+        F.cross_entropy(model(x), y, reduction="sum").backward()
+        opt.step()
+        if opt.steps_taken == 5:
+            break  # after the step
+    x, y, _ = next(iter(dl))  # a fresh epoch; its first batch is used
+    opt.zero_grad()
+    F.cross_entropy(model(x), y, reduction="sum").backward()
+    opt.step()
+    for x, y, _ in dl:  # the last batch of a run is drawn and never stepped: nothing follows it
+        F.cross_entropy(model(x), y, reduction="sum").backward()
+        break
+    assert engine.accountant.total_steps == 6
+
+
+def test_step_without_a_backward_is_refused():
+    engine, model, opt, dl = _private(sigma=1.0)
+    x, y, _ = next(iter(dl))
+    opt.zero_grad()
+    F.cross_entropy(model(x), y)  # the backward forgotten
+    before = _params(model)
+    with pytest.raises(RuntimeError, match=r"no backward\(\) since the last step(.|\n)*loss.backward\(\)"):
+        opt.step()
+    assert _unchanged(model, before) and engine.accountant.total_steps == 0
+    with pytest.raises(RuntimeError, match="no backward"):
+        opt.step()  # nothing at all since the last step: pure noise, refused as well
+
+
+def test_empty_batches_still_step_with_their_backward():
+    engine, model, opt, dl = _private(n=20, batch=1, sigma=1.0)  # q = 1/20
+    sizes = []
+    for x, y, _ in dl:
+        sizes.append(len(x))
+        opt.zero_grad()
+        F.cross_entropy(model(x), y, reduction="sum").backward()
+        opt.step()
+    assert 0 in sizes and engine.accountant.total_steps == 20
+
+
+# ---------------------------------------------------------------------------------------- 7. resumed sampling
+def _run(engine, model, opt, dl, steps: int, break_before_step: bool = False) -> list[list[int]]:
+    """``steps`` steps; the records (ids) of each. ``break_before_step``: the loop then draws one more batch
+    and leaves it (``if i == steps: break`` at the top of the loop)."""
+    seen = []
+    while len(seen) < steps:
+        for x, y, ids in dl:
+            if len(seen) == steps:
+                break
+            seen.append(sorted(ids.tolist()))
+            opt.zero_grad()
+            F.cross_entropy(model(x), y, reduction="sum").backward()
+            opt.step()
+            if len(seen) == steps and not break_before_step:
+                break
+    return seen
+
+
+@pytest.mark.parametrize("break_before_step", [False, True])
+def test_a_resumed_seeded_run_continues_the_sampling_stream(tmp_path, break_before_step):
+    full = _run(*_private(seed=7, sigma=1.0), 13)
+    engine, model, opt, dl = _private(seed=7, sigma=1.0)
+    first = _run(engine, model, opt, dl, 5, break_before_step)
+    path = str(tmp_path / "c.pt")
+    engine.save_checkpoint(path, module=model, optimizer=opt)
+    assert isinstance(torch.load(path, weights_only=True)["engine"]["sampling"], torch.Tensor)
+    engine2, model2, opt2, dl2 = _private(seed=7, sigma=1.0)
+    engine2.load_checkpoint(path, module=model2, optimizer=opt2)
+    resumed = _run(engine2, model2, opt2, dl2, 8)
+    assert first == full[:5] and resumed == full[5:]
+    assert resumed[:5] != first  # not the first steps' memberships again
+
+
+def test_state_loaded_before_make_private_also_resumes_sampling():
+    full = _run(*_private(seed=7), 10)
+    engine, model, opt, dl = _private(seed=7)
+    _run(engine, model, opt, dl, 4)
+    state = engine.state_dict()
+    engine2 = PrivacyEngine(seed=7)
+    engine2.load_state_dict(state)
+    model2 = _mlp()
+    _, _, _, dl2 = _private(seed=7)  # the same records
+    model2, opt2, dl2 = engine2.make_private(module=model2, optimizer=torch.optim.SGD(model2.parameters(), lr=0.1),
+                                             data_loader=DataLoader(dl2.dataset, batch_size=4), noise_multiplier=0.0,
+                                             max_grad_norm=1.0, loss_reduction="sum")
+    assert _run(engine2, model2, opt2, dl2, 6) == full[4:]
+
+
+def test_a_checkpoint_without_sampler_state_reseeds_the_sampler_with_a_warning(tmp_path):
+    engine, model, opt, dl = _private(seed=7)
+    first = _run(engine, model, opt, dl, 6)
+    ckpt_path = str(tmp_path / "old.pt")
+    engine.save_checkpoint(ckpt_path, module=model, optimizer=opt)
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    del ckpt["engine"]["sampling"]  # as dpengine wrote checkpoints before it saved the sampler
+    torch.save(ckpt, ckpt_path)
+    engine2, model2, opt2, dl2 = _private(seed=7)
+    with pytest.warns(UserWarning, match="no Poisson sampler state(.|\n)*replay(.|\n)*reseeded"):
+        engine2.load_checkpoint(ckpt_path, module=model2, optimizer=opt2)
+    assert _run(engine2, model2, opt2, dl2, 6) != first  # not the seeded stream from its start again
+
+
+def test_secure_state_holds_no_sampler_state():
+    engine, model, opt, dl = _secure_private()
+    _train(model, opt, dl, 2)
+    assert engine.state_dict()["sampling"] is None

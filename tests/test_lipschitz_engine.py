@@ -214,7 +214,7 @@ def test_a_parameter_used_outside_its_layer_is_refused_as_in_the_per_sample_mode
         module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=DataLoader(_data(), batch_size=6),
         noise_multiplier=1.0, clipping="lipschitz", loss_lipschitz=loss.lipschitz)
     before = [p.detach().clone() for p in model.parameters()]
-    x, y = next(iter(dl))
+    x, y = next(iter(DataLoader(_data(), batch_size=6)))  # a probe batch: the private loader's would be a step
     opt.zero_grad()
     with pytest.raises(PerSampleGradientError, match=r"'1\.weight' received an ordinary \(non-private\) gradient"):
         (loss(model(x), y) + penalty(model)).backward()

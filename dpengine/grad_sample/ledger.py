@@ -121,6 +121,12 @@ class BatchLedger:
         #: reductions of a loader batch that had already been reduced, since the last step
         self.repeated_batches = 0
         self.batches_accumulated = 0  # reductions since the last step
+        #: logical batches the private loader (or VirtualSteps) yielded since the last step: a step releases
+        #: one Poisson batch, so more than one is refused (see ``step_problem``)
+        self.batches_drawn = 0
+        self._drawn_used = True  # the logical batch drawn last was reduced by a backward (or forgotten)
+        #: a batch was drawn since the last step taken: a checkpoint saves the sampler as it was before it
+        self.drawn_unstepped = False
         self._summed: dict[nn.Parameter, Tensor] = {}
         #: where the clipped sums live (the optimizer sets the order; without one, sums are separate tensors)
         self.sum_buckets = SumBuckets()
@@ -138,23 +144,43 @@ class BatchLedger:
         out, self.nonfinite = self.nonfinite, None
         return out
 
-    def note_batch(self, size: int) -> None:
+    def note_batch(self, size: int | None, first: bool = True) -> None:
         """The private loader yielded a batch of ``size`` records: the batch every tracked layer must see
-        as dimension 0 of its input, reduced by exactly one backward."""
-        self.loader_batch = int(size)
+        as dimension 0 of its input, reduced by exactly one backward. ``first``: it starts a logical batch
+        (False for the later chunks of one under ``VirtualSteps``). ``size`` None: a chunk of a loader that is
+        not the private one (``VirtualSteps`` around another loader): its batch is unverified, as in a
+        plain loop over that loader."""
+        self.loader_batch = None if size is None else int(size)
         self._batch_reduced = False
+        if first:
+            self.batches_drawn += 1
+            self._drawn_used = False
+            self.drawn_unstepped = True
+
+    def left_loop(self, batches_yielded: int) -> None:
+        """The loop over the private loader (or ``VirtualSteps``) was left (``break``) after it yielded
+        ``batches_yielded`` logical batches. If the last one was never reduced, it is forgotten: leaving an
+        epoch early and starting the next one is not a skipped step. Only for a loop that had yielded an
+        earlier batch: ``next(iter(loader))`` also leaves its iterator at once, and two such batches summed
+        into one backward must still count as two."""
+        if batches_yielded > 1 and not self._drawn_used and self.batches_drawn:
+            self.batches_drawn -= 1
+            self._drawn_used = True
 
     def _count_loader_batch(self) -> int | None:
         """Called once per reduction: the loader's batch size (None if the batch did not come from it),
         counting a second reduction of the same batch."""
+        self._drawn_used = True
         if self.loader_batch is not None:
             if self._batch_reduced:
                 self.repeated_batches += 1
             self._batch_reduced = True
         return self.loader_batch
 
-    def step_problem(self, in_virtual_steps: bool) -> str | None:
-        """Why the step about to be taken would break the privacy bound (None if it would not)."""
+    def step_problem(self, in_virtual_steps: bool, releasing: bool = True) -> str | None:
+        """Why the step about to be taken would break the privacy bound (None if it would not).
+        ``releasing``: this step adds noise and is accounted (False for the earlier chunks of a logical
+        batch under ``VirtualSteps``, which only accumulate)."""
         if self.repeated_batches:
             return (f"a batch from the private data loader was reduced by more than one backward pass "
                     f"({self.repeated_batches} extra): a second backward over the same batch (in this step or, "
@@ -165,19 +191,46 @@ class BatchLedger:
                     "once, take the next batch from the loader for the next step, and run passes that are not the "
                     "training backward (e.g. the input gradient of adversarial training) inside "
                     "dpengine.no_capture().")
+        if self.batches_drawn > 1 and in_virtual_steps:
+            return (f"chunks of {self.batches_drawn} logical batches were accumulated into one step. A record "
+                    "sampled in both could contribute 2 * max_grad_norm to it, while the accountant counts one "
+                    "step. Call optimizer.step() at the end of each logical batch, as VirtualSteps signals (call "
+                    "it after every chunk: it applies only after the last chunk of each logical batch), and "
+                    "raise max_physical_batch_size rather than accumulating several logical batches.")
+        if self.batches_drawn > 1:
+            return (f"{self.batches_drawn} batches were drawn from the private data loader since the last step. "
+                    "Each step must release exactly one Poisson batch: records of two batches summed into one "
+                    "backward are paired by row (a record in both contributes 2 * max_grad_norm, at an inclusion "
+                    "rate near 2q while q is accounted), and a batch drawn but not stepped is a step the "
+                    "accountant never sees. Take one batch per step; to accumulate physical chunks into a larger "
+                    "logical batch iterate dpengine.VirtualSteps over the private loader. An empty Poisson batch "
+                    "is a step too and must not be skipped: run the model on it, backward and step as for any "
+                    "batch. (Leaving a loop with break before a batch's backward forgets that batch; to inspect "
+                    "a batch, draw it from your original loader.)")
         if self.batches_accumulated > 1 and not in_virtual_steps:
             return (f"{self.batches_accumulated} backward passes were accumulated since the last step. dpengine "
                     "clips each backward on its own, so a sample that took part in two of them would contribute "
                     "up to 2 * max_grad_norm. To split one logical batch into physical chunks iterate "
                     "dpengine.VirtualSteps over the private loader; to combine several losses, add them and call "
                     "backward once.")
+        if releasing and not self.batches_accumulated:
+            return ("no backward() since the last step, so this step would release noise alone while the "
+                    "accountant counts it (and the batch drawn for it would be lost). Call loss.backward() "
+                    "before optimizer.step(), also on an empty Poisson batch (run the model on it: its "
+                    "backward adds nothing, and the step adds the noise).")
         return None
+
+    def forget_drawn(self) -> None:
+        """A refused step: the batches drawn for it are spent; the next batch starts afresh."""
+        self.batches_drawn = 0
+        self._drawn_used = True
 
     def pop_clipped_sums(self) -> dict[nn.Parameter, Tensor]:
         """The clipped sums accumulated since the last pop (and forget them)."""
         out, self._summed = self._summed, {}
         self.sum_buckets.complete(out)
-        self.batches_accumulated = self.repeated_batches = 0
+        self.batches_accumulated = self.repeated_batches = self.batches_drawn = 0
+        self._drawn_used, self.drawn_unstepped = True, False
         return out
 
     def peek_clipped_sums(self) -> dict[nn.Parameter, Tensor]:
