@@ -130,6 +130,10 @@ class ClippingPolicy:
     def after_step(self, noise: Any, expected_batch_size: float) -> None:
         """Update state once per logical step (after the step's noise is drawn)."""
 
+    def discard(self) -> None:
+        """The step's clipped sums were dropped (``zero_grad``, a refused or masked step): drop whatever per-step
+        statistic ``factors`` formed with them, so that it is never released with a later step."""
+
     def state_dict(self, params: list[nn.Parameter]) -> dict[str, Any]:
         return {}
 
@@ -310,6 +314,11 @@ class AdaptiveClipping(FlatClipping):
         frac = count[0] / expected_batch_size + 0.5
         bound = self._bound_on(device) * torch.exp(-self.lr * (frac - self.target))
         self._bound = bound.clamp(self.min_clipbound, self.max_clipbound)
+        self._unclipped = None
+
+    def discard(self) -> None:
+        # the count of dropped batches would otherwise be noised and released with the next step's (its records
+        # moving it by up to 1.5 where the noise split assumes 1/2, for a step the accountant never saw)
         self._unclipped = None
 
     def state_dict(self, params: list[nn.Parameter]) -> dict[str, Any]:

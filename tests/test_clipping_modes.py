@@ -425,6 +425,39 @@ def _adaptive(sigma: float, s: float, model: nn.Module | None = None, n: int = 2
     return engine, model, opt, loader
 
 
+@pytest.mark.parametrize("discard", ["zero_grad", "refused_step"])
+def test_adaptive_count_of_a_dropped_backward_is_never_released(discard):
+    """The unclipped count is a second release of the step's batch: a backward whose sums were dropped
+    (``zero_grad``, or a refused step) must not leave its count to be noised with the next step's (a record
+    would move it by 1 or more where the noise split assumes 1/2, in a step the accountant never saw)."""
+    model = nn.Linear(4, 1, bias=False).to(F64)
+    x = torch.zeros(20, 4, dtype=F64)
+    x[:, 0] = 0.5  # every per-sample gradient (sum loss) has norm 0.5 < C: all unclipped, centred count B/2
+    engine = PrivacyEngine(seed=0)
+    model, opt, loader = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+        data_loader=DataLoader(TensorDataset(x), batch_size=4), noise_multiplier=0.0, max_grad_norm=1.0,
+        clipping="adaptive", unclipped_num_std=1e-12, loss_reduction="sum", poisson_sampling=False)
+    batches = iter(loader)
+    (xa,) = next(batches)
+    opt.zero_grad()
+    model(xa).sum().backward()
+    if discard == "zero_grad":  # the same batch again after dropping the first backward: one step of one batch
+        opt.zero_grad()
+        model(xa).sum().backward()
+    else:  # two backward passes of one batch: the step is refused, the user goes on with the next batch
+        model(xa).sum().backward()
+        with pytest.raises(RuntimeError, match="refused"):
+            opt.step()
+        (xa,) = next(batches)
+        opt.zero_grad()
+        model(xa).sum().backward()
+    opt.step()
+    frac = (len(xa) / 2) / opt.expected_batch_size + 0.5  # this step's batch alone
+    assert opt.policy.max_grad_norm == pytest.approx(math.exp(-0.2 * (frac - 0.5)), rel=1e-9)
+    assert engine.accountant.total_steps == 1
+
+
 @pytest.mark.parametrize("s", [0.5000001, 0.6, 1.0, 5.0, 1e3])
 def test_adaptive_noise_split(s):
     _, _, opt, _ = _adaptive(1.0, s)

@@ -1245,6 +1245,7 @@ class GradSampleController(BatchLedger):
 
     def clear(self) -> None:
         super().clear()
+        self.policy.discard()  # a per-step statistic of the dropped sums (adaptive clipping's count) goes too
         self._unclipped = {}
         self._clear_staged()
         self._calls = {}
