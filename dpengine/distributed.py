@@ -210,14 +210,27 @@ class DistributedContext:
             add_noise()
         self.all_reduce_(tensors)
 
-    def agree(self, problem: str | None) -> str | None:
-        """Collective: None when no rank has a problem, else every rank's problem, named by rank. All ranks
-        get the same answer, so they refuse (or step) together."""
+    def agree(self, problem: str | None, settings: dict[str, float] | None = None) -> str | None:
+        """Collective: None when no rank has a problem and every rank has the same ``settings`` (the values the
+        step's release and its accounting read, e.g. the noise multiplier: a rank that was given another one
+        would account its own epsilon for rank 0's noise), else every rank's problem, named by rank. All ranks
+        get the same answer, so they refuse (or step) together. One all-reduce (max of the flag, of each setting
+        and of its negation) in the common case."""
         dist = _dist()
-        flag = torch.tensor([0 if problem is None else 1], dtype=torch.int64, device=self._comm_device())
+        names = list(settings or {})
+        values = [float(settings[n]) for n in names] if settings else []
+        flag = torch.tensor([0.0 if problem is None else 1.0, *values, *(-v for v in values)], dtype=torch.float64,
+                            device=self._comm_device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        if int(flag.item()) == 0:
+        host = flag.tolist()
+        differ = [f"{n} (from {-host[1 + len(names) + i]:g} to {host[1 + i]:g})" for i, n in enumerate(names)
+                  if host[1 + i] != -host[1 + len(names) + i]]
+        if host[0] == 0 and not differ:
             return None
+        if host[0] == 0:  # every rank sees the same maxima and minima: the same message, no second collective
+            return (f"{', '.join(differ)} differ between ranks: each rank accounts its own value while rank 0's "
+                    "noise is released, so their epsilons would disagree with what was released. Set them to the "
+                    "same value on every rank (between steps).")
         problems: list[Any] = [None] * self.world_size
         dist.all_gather_object(problems, problem, group=self.group)
         return " | ".join(f"rank {r}: {p}" if p is not None else f"rank {r}: refused because another rank did"

@@ -19,7 +19,7 @@ from torch.optim import Optimizer
 
 from . import accounting
 from ._validate import non_negative
-from .clipping import ClippingPolicy, LipschitzBounds, PerLayerClipping
+from .clipping import AdaptiveClipping, ClippingPolicy, LipschitzBounds, PerLayerClipping
 from .grad_sample.controller import GradSampleController, LossReduction
 from .grad_sample.ledger import nonfinite_flag, sum_dtype
 from .grad_sample.registry import PerSampleGradientError
@@ -260,6 +260,14 @@ class DPOptimizer(Optimizer):
             return ("clipping='lipschitz' clips nothing: each sample's gradient is bounded analytically "
                     "(optimizer.policy.bounds), so there is no max_grad_norm.")
         return f"the clipping policy {type(self.policy).__name__} has no max_grad_norm."
+
+    def _release_settings(self) -> dict[str, float]:
+        """What every data-parallel rank's step must agree on: the noise multiplier and the sensitivity (adaptive
+        clipping's moves on the device, identically on every rank, from the all-reduced count: not read here)."""
+        out = {"noise_multiplier": self.noise_multiplier}
+        if not isinstance(self.policy, AdaptiveClipping):
+            out["sensitivity"] = float(self.policy.sensitivity)
+        return out
 
     # ------------------------------------------------------------------------------------------ budget
     def set_budget(self, epsilon: float, delta: float, *, planned_steps: int | None = None) -> None:
@@ -600,7 +608,7 @@ class DPOptimizer(Optimizer):
         if self.distributed is not None:
             problem = problem or self.distributed.step_problem(self._in_virtual_steps)
             if not self._skip_next:  # each rank's last chunk of the logical batch: the ranks refuse or step together
-                problem = self.distributed.agree(problem)
+                problem = self.distributed.agree(problem, self._release_settings())
         if problem is not None:  # checked on every chunk: a repeated chunk is refused before it accumulates
             if self.distributed is not None:
                 self.distributed.reset()

@@ -175,6 +175,33 @@ def _different_batch_size_per_rank(rank: int) -> None:
                                           data_loader=loader, noise_multiplier=1.0, max_grad_norm=C)
 
 
+def _different_noise_per_rank(rank: int) -> str:
+    """Rank 1 assigns another noise multiplier between steps: the step is refused on both ranks."""
+    from torch.nn.parallel import DistributedDataParallel
+    from torch.utils.data.distributed import DistributedSampler
+
+    from dpengine import PrivacyEngine
+
+    model = _mlp()
+    ds = _dataset()
+    ddp, opt, loader = PrivacyEngine(seed=SEED).make_private(
+        module=DistributedDataParallel(model), optimizer=torch.optim.SGD(model.parameters(), lr=LR),
+        data_loader=DataLoader(ds, batch_size=LOCAL_BATCH, sampler=DistributedSampler(ds)), noise_multiplier=1.0,
+        max_grad_norm=C)
+    batches = iter(loader)
+    for step in range(2):
+        x, y, _ = next(batches)
+        opt.zero_grad()
+        nn.functional.cross_entropy(ddp(x), y).backward()
+        if step == 1 and rank == 1:
+            opt.noise_multiplier = 0.5
+        try:
+            opt.step()
+        except RuntimeError as e:
+            return f"step {step} refused: {e}; steps accounted {opt.accountant.total_steps}"
+    return "not refused"
+
+
 def _different_parameters(rank: int) -> None:
     from torch.utils.data.distributed import DistributedSampler
 
@@ -255,6 +282,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     results["refuse-no_sync"] = _refusal(_no_sync_outside_virtual_steps)
     results["refuse-batch-size"] = _refusal(lambda: _different_batch_size_per_rank(rank))
     results["refuse-parameters"] = _refusal(lambda: _different_parameters(rank))
+    results["refuse-noise"] = _different_noise_per_rank(rank)
     results["refuse-ddp-without-sampler"] = _refusal(_ddp_without_distributed_sampler)
     results["refuse-fsdp"] = _refusal(_fsdp)
     results["refuse-static-graph"] = _refusal(_static_graph)
@@ -472,8 +500,10 @@ def test_refusals(ranks):
         assert "DistributedSampler" in res["refuse-ddp-without-sampler"]
         assert "FSDP" in res["refuse-fsdp"] and "DistributedDataParallel" in res["refuse-fsdp"]
         assert "static_graph" in res["refuse-static-graph"]
+        assert res["refuse-noise"].startswith("step 1 refused") and "steps accounted 1" in res["refuse-noise"]
+        assert "noise_multiplier (from 0.5 to 1) differ between ranks" in res["refuse-noise"]
     # both ranks refuse with the same message (no rank is left waiting in a collective)
-    for key in ("refuse-no_sync", "refuse-batch-size", "refuse-parameters"):
+    for key in ("refuse-no_sync", "refuse-batch-size", "refuse-parameters", "refuse-noise"):
         assert ranks[0][key] == ranks[1][key]
 
 
