@@ -24,6 +24,12 @@ from torch.utils.data.dataloader import default_collate
 from ._validate import in_range, positive
 
 
+_FIXED_RATE = ("The private loader's sample rate is fixed: its inclusion cutoffs are derived from it once, and the "
+               "accountant records it at every step (assigning it would change neither). To train at another q, "
+               "engine.detach(), then make_private again with optimizer.original_optimizer and a loader of batch "
+               "size q * len(dataset): the engine keeps its accountant.")
+
+
 class PoissonBatchSampler(Sampler[list[int]]):
     """Yields ``steps`` batches; each index is included independently with probability ``sample_rate``.
 
@@ -52,7 +58,8 @@ class PoissonBatchSampler(Sampler[list[int]]):
                              "or secure=False for reproducible sampling.")
         if indices is not None and len(indices) != num_samples:
             raise ValueError(f"Expected len(indices)={len(indices)} to equal num_samples={num_samples}.")
-        self.num_samples, self.sample_rate, self.steps, self.secure = num_samples, sample_rate, steps, secure
+        self.num_samples, self.steps, self.secure = num_samples, steps, secure
+        self._sample_rate = float(sample_rate)
         self.indices = None if indices is None else torch.as_tensor(list(indices), dtype=torch.int64)
         self._cutoff = math.floor(sample_rate * 2**53) / 2**53  # exact in float64: a multiple of 2**-53, <= q
         self._threshold = math.floor(Fraction(sample_rate) * 2**64)  # P(uniform uint64 < threshold) <= q
@@ -89,6 +96,16 @@ class PoissonBatchSampler(Sampler[list[int]]):
             raise ValueError("a secure sampler has no generator state to restore")
         self.generator.set_state(state)
         self.state_before_draw = None
+
+
+    @property
+    def sample_rate(self) -> float:
+        """q, fixed: the inclusion cutoffs are derived from it once (and the accountant records it)."""
+        return self._sample_rate
+
+    @sample_rate.setter
+    def sample_rate(self, value: float) -> None:
+        raise AttributeError(_FIXED_RATE)
 
     def _mask(self) -> torch.Tensor:
         """One inclusion decision per candidate index (see the class docstring for the probability)."""
@@ -311,7 +328,17 @@ def _distributed_domain(data_loader: DataLoader) -> None:
 class DPDataLoader(DataLoader):
     """A DataLoader over the same dataset with Poisson sampling; one epoch = ``len(original)`` steps."""
 
-    sample_rate: float
+    _sample_rate: float
+
+    @property
+    def sample_rate(self) -> float:
+        """q, the rate every record is included at in each batch (fixed: the accountant records it)."""
+        return self._sample_rate
+
+    @sample_rate.setter
+    def sample_rate(self, value: float) -> None:
+        raise AttributeError(_FIXED_RATE)
+
     expected_batch_size: float
     on_batch: Callable[[int], None] | None = None
     """Called with the number of records in each batch just before it is yielded (0 for an empty batch);
@@ -367,7 +394,7 @@ class DPDataLoader(DataLoader):
             multiprocessing_context=data_loader.multiprocessing_context,
             persistent_workers=data_loader.persistent_workers if data_loader.num_workers > 0 else False,
         )
-        loader.sample_rate = sample_rate
+        loader._sample_rate = sample_rate
         loader.expected_batch_size = sample_rate * n
         # ``loader.sampler`` (unused: the batch sampler decides) answers ``set_epoch`` like the
         # DistributedSampler it replaces; DataLoader forbids assigning it after __init__

@@ -371,3 +371,17 @@ def test_virtual_steps_over_another_loader_warn_like_the_plain_loop():
                 opt.zero_grad()
                 torch.nn.functional.cross_entropy(model(x), y).backward()
                 opt.step()
+
+
+def test_the_private_loaders_sample_rate_cannot_be_assigned():
+    # the sampler derives its inclusion cutoffs from q once: an assigned q would change nothing it samples
+    model = nn.Linear(3, 1)
+    _, _, dl = PrivacyEngine(seed=0).make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(TensorDataset(torch.randn(20, 3)), batch_size=5), noise_multiplier=1.0,
+        max_grad_norm=1.0)
+    assert dl.sample_rate == dl.batch_sampler.sample_rate == 0.25
+    for holder in (dl, dl.batch_sampler):
+        with pytest.raises(AttributeError, match="sample rate is fixed"):
+            holder.sample_rate = 0.5
+    assert dl.sample_rate == dl.batch_sampler.sample_rate == 0.25
