@@ -24,10 +24,18 @@ from torch.utils.data.dataloader import default_collate
 from ._validate import in_range, positive
 
 
-_FIXED_RATE = ("The private loader's sample rate is fixed: its inclusion cutoffs are derived from it once, and the "
-               "accountant records it at every step (assigning it would change neither). To train at another q, "
-               "engine.detach(), then make_private again with optimizer.original_optimizer and a loader of batch "
-               "size q * len(dataset): the engine keeps its accountant.")
+def _fixed_sample_rate() -> property:
+    """q, the rate every record is included at in each batch, read-only: the sampler derives its inclusion
+    cutoffs from it once, and the accountant records it at every step."""
+
+    def refuse(self: object, value: float) -> None:
+        raise AttributeError(
+            "The private loader's sample rate is fixed: its inclusion cutoffs are derived from it once, and the "
+            "accountant records it at every step (assigning it would change neither). To train at another q, "
+            "engine.detach(), then make_private again with optimizer.original_optimizer and a loader of batch "
+            "size q * len(dataset): the engine keeps its accountant.")
+
+    return property(lambda self: self._sample_rate, refuse, doc=_fixed_sample_rate.__doc__)
 
 
 class PoissonBatchSampler(Sampler[list[int]]):
@@ -97,15 +105,7 @@ class PoissonBatchSampler(Sampler[list[int]]):
         self.generator.set_state(state)
         self.state_before_draw = None
 
-
-    @property
-    def sample_rate(self) -> float:
-        """q, fixed: the inclusion cutoffs are derived from it once (and the accountant records it)."""
-        return self._sample_rate
-
-    @sample_rate.setter
-    def sample_rate(self, value: float) -> None:
-        raise AttributeError(_FIXED_RATE)
+    sample_rate = _fixed_sample_rate()
 
     def _mask(self) -> torch.Tensor:
         """One inclusion decision per candidate index (see the class docstring for the probability)."""
@@ -329,15 +329,7 @@ class DPDataLoader(DataLoader):
     """A DataLoader over the same dataset with Poisson sampling; one epoch = ``len(original)`` steps."""
 
     _sample_rate: float
-
-    @property
-    def sample_rate(self) -> float:
-        """q, the rate every record is included at in each batch (fixed: the accountant records it)."""
-        return self._sample_rate
-
-    @sample_rate.setter
-    def sample_rate(self, value: float) -> None:
-        raise AttributeError(_FIXED_RATE)
+    sample_rate = _fixed_sample_rate()
 
     expected_batch_size: float
     on_batch: Callable[[int], None] | None = None
