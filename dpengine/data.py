@@ -12,6 +12,7 @@ import copy
 import math
 import os
 import secrets
+import weakref
 from fractions import Fraction
 from typing import Any, Callable, Iterator, Sequence
 
@@ -325,6 +326,46 @@ def _distributed_domain(data_loader: DataLoader) -> None:
                          "sampler=DistributedSampler(dataset)); got another sampler or batch_sampler.")
 
 
+class _ReportedBatchSampler(Sampler[list[int]]):
+    """The batch sampler of a loader kept as given (``poisson_sampling=False``), reporting each batch's size
+    like ``PoissonBatchSampler`` does, so the engine checks every layer's batch against it all the same."""
+
+    _size_sink: collections.deque[int] | None = None
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return self._batches(self._size_sink)  # bound now, as PoissonBatchSampler.__iter__
+
+    def _batches(self, sink: collections.deque[int] | None) -> Iterator[list[int]]:
+        for batch in self.inner:
+            if sink is not None:
+                sink.append(len(batch))
+            yield batch
+
+
+class WeakCallback:
+    """A bound method held weakly: a loader must not keep its engine's controller (and the records it holds)
+    alive. Calls the method while its object lives, else does nothing; ``__self__`` is that object (or None)."""
+
+    def __init__(self, method: Callable[..., None]) -> None:
+        self._ref = weakref.WeakMethod(method)  # type: ignore[arg-type]
+
+    def __call__(self, *args: Any) -> None:
+        method = self._ref()
+        if method is not None:
+            method(*args)
+
+    @property
+    def __self__(self) -> Any:  # noqa: PLE0302  (what VirtualSteps asks a callback for)
+        method = self._ref()
+        return None if method is None else method.__self__
+
+
 class DPDataLoader(DataLoader):
     """A DataLoader over the same dataset with Poisson sampling; one epoch = ``len(original)`` steps."""
 
@@ -393,12 +434,35 @@ class DPDataLoader(DataLoader):
         object.__setattr__(loader, "sampler", _EpochSequentialSampler(dataset, batch_sampler))
         return loader
 
+    @classmethod
+    def reporting(cls, data_loader: DataLoader, sample_rate: float, expected_batch_size: float) -> "DPDataLoader":
+        """``data_loader``'s own batches, in its own order (``poisson_sampling=False``), from a loader that reports
+        each batch's size to the engine as the Poisson one does: every layer's batch is checked against it, and
+        one batch per step. ``sampler`` is the original's (``set_epoch`` reaches a DistributedSampler)."""
+        if data_loader.batch_sampler is None:
+            raise ValueError("poisson_sampling=False needs a loader with a fixed batch_size.")
+        loader = cls(
+            data_loader.dataset,
+            batch_sampler=_ReportedBatchSampler(data_loader.batch_sampler),
+            collate_fn=data_loader.collate_fn,
+            num_workers=data_loader.num_workers,
+            pin_memory=data_loader.pin_memory,
+            timeout=data_loader.timeout,
+            worker_init_fn=data_loader.worker_init_fn,
+            multiprocessing_context=data_loader.multiprocessing_context,
+            generator=data_loader.generator,
+            persistent_workers=data_loader.persistent_workers if data_loader.num_workers > 0 else False,
+        )
+        loader._sample_rate, loader.expected_batch_size = sample_rate, expected_batch_size
+        object.__setattr__(loader, "sampler", data_loader.sampler)
+        return loader
+
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         callback = self.on_batch
         if callback is None:
             return super().__iter__()
         sampler = self.batch_sampler
-        if not isinstance(sampler, PoissonBatchSampler) or not getattr(self, "in_order", True):
+        if not isinstance(sampler, (PoissonBatchSampler, _ReportedBatchSampler)) or not getattr(self, "in_order", True):
             raise ValueError("on_batch needs a loader made by DPDataLoader.from_data_loader (a PoissonBatchSampler, "
                              "batches yielded in order).")
         sizes: collections.deque[int] = collections.deque()

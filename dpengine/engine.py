@@ -19,7 +19,7 @@ from . import accounting
 from ._validate import non_negative, one_of
 from .clipping import ClippingMode, ClippingPolicy, LipschitzBounds, amplified, make_policy
 from . import distributed
-from .data import DPDataLoader, PoissonBatchSampler
+from .data import DPDataLoader, PoissonBatchSampler, WeakCallback
 from .grad_sample.controller import (GradSampleController, GradSampleMode, LossReduction, check_loss_scale,
                                       trainable_layers)
 from .noise import GaussianNoise
@@ -214,6 +214,8 @@ class PrivacyEngine:
                           "for this loader.", stacklevel=2)
             expected_batch_size = float(data_loader.batch_size) * (1 if dctx is None else dctx.world_size)
             sample_rate = expected_batch_size / len(data_loader.dataset)  # type: ignore[arg-type]
+            # its own batches, reported as the Poisson loader's are (each layer's batch checked, one per step)
+            data_loader = DPDataLoader.reporting(data_loader, sample_rate, expected_batch_size)
 
         if lipschitz:
             policy, self.controller = self._lipschitz(module, optimizer, loss_reduction, clipping_options)
@@ -230,8 +232,8 @@ class PrivacyEngine:
         if isinstance(data_loader, DPDataLoader):
             # every batch the loader yields tells the controller its size: the batch every tracked layer
             # must see as dimension 0, reduced by exactly one backward
-            data_loader.on_batch = self.controller.note_batch
-            data_loader.on_leave = self.controller.left_loop
+            data_loader.on_batch = WeakCallback(self.controller.note_batch)
+            data_loader.on_leave = WeakCallback(self.controller.left_loop)
         self.optimizer = DPOptimizer(
             optimizer, controller=self.controller, noise_multiplier=noise_multiplier,
             policy=policy, expected_batch_size=expected_batch_size, sample_rate=sample_rate,

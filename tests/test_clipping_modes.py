@@ -442,16 +442,15 @@ def test_adaptive_count_of_a_dropped_backward_is_never_released(discard):
     (xa,) = next(batches)
     opt.zero_grad()
     model(xa).sum().backward()
-    if discard == "zero_grad":  # the same batch again after dropping the first backward: one step of one batch
+    if discard == "zero_grad":  # dropped by zero_grad: the step then has no backward and is refused
         opt.zero_grad()
+    else:  # two backward passes of one batch: the step is refused
         model(xa).sum().backward()
-    else:  # two backward passes of one batch: the step is refused, the user goes on with the next batch
-        model(xa).sum().backward()
-        with pytest.raises(RuntimeError, match="refused"):
-            opt.step()
-        (xa,) = next(batches)
-        opt.zero_grad()
-        model(xa).sum().backward()
+    with pytest.raises(RuntimeError, match="refused"):
+        opt.step()
+    (xa,) = next(batches)  # the user goes on with the next batch
+    opt.zero_grad()
+    model(xa).sum().backward()
     opt.step()
     frac = (len(xa) / 2) / opt.expected_batch_size + 0.5  # this step's batch alone
     assert opt.policy.max_grad_norm == pytest.approx(math.exp(-0.2 * (frac - 0.5)), rel=1e-9)

@@ -16,6 +16,7 @@ import dpengine.accounting as accounting
 import dpengine.optimizer as dp_optimizer
 from dpengine import PrivacyBudgetExhaustedError, PrivacyEngine
 from dpengine.noise import GaussianNoise
+from dpengine.grad_sample.registry import PerSampleGradientError
 
 DELTA = 1e-5
 
@@ -594,6 +595,56 @@ def test_a_batch_skipped_inside_the_loop_is_refused_at_the_next_step():
             opt.zero_grad()
             F.cross_entropy(model(x), y, reduction="sum").backward()
             opt.step()
+
+
+def test_an_evaluation_pass_over_the_private_loader_is_not_a_skipped_step():
+    """Batches drawn with gradients off (train accuracy between epochs) count only if a backward reduces them."""
+    engine, model, opt, dl = _private()
+    for epoch in range(2):
+        for x, y, _ in dl:
+            opt.zero_grad()
+            F.cross_entropy(model(x), y, reduction="sum").backward()
+            opt.step()
+        with torch.no_grad():
+            correct = sum(int((model(x).argmax(1) == y).sum()) for x, y, _ in dl)
+        assert 0 <= correct <= 40
+    assert engine.accountant.total_steps == 2 * len(dl)
+    # a batch drawn with gradients off and then trained on is this step's batch: one more is refused
+    with torch.no_grad():
+        it = iter(dl)
+        x1, y1, _ = next(it)
+    x2, y2, _ = next(it)
+    opt.zero_grad()
+    F.cross_entropy(model(x2), y2, reduction="sum").backward()
+    opt.step()  # x2 is the step's batch (x1 was never reduced)
+    with torch.no_grad():
+        x3, y3, _ = next(it)
+    opt.zero_grad()
+    F.cross_entropy(model(x3), y3, reduction="sum").backward()  # counted when reduced
+    x4, y4, _ = next(it)
+    with pytest.raises(RuntimeError, match="2 batches were drawn"):
+        opt.step()
+    assert engine.accountant.total_steps == 2 * len(dl) + 1
+
+
+def test_a_loop_that_draws_ahead_is_told_so():
+    """A prefetching loop (the next batch drawn before this one's backward) gets an error naming it."""
+    engine, model, opt, dl = _private(n=40, batch=10)
+
+    def ahead(loader):
+        it = iter(loader)
+        current = next(it)
+        for following in it:
+            yield current
+            current = following
+        yield current
+
+    with pytest.raises(PerSampleGradientError, match="draws the next batch before this one's backward"):
+        for _ in range(20):  # until two consecutive batches differ in size
+            for x, y, _ in ahead(dl):
+                opt.zero_grad()
+                F.cross_entropy(model(x), y, reduction="sum").backward()
+                opt.step()
 
 
 def test_batches_from_two_fresh_iterators_in_one_backward_are_refused():

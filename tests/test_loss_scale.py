@@ -146,7 +146,7 @@ def test_an_overflow_masks_the_step_and_names_the_scale():
     model, opt, _ = PrivacyEngine(seed=0).make_private(
         module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
         data_loader=DataLoader(TensorDataset(x, y), batch_size=8), noise_multiplier=1.0, max_grad_norm=1.0,
-        poisson_sampling=False, loss_scale=2.0 ** 40)
+        poisson_sampling=False, loss_scale=2.0 ** 32)
     before = [p.detach().clone() for p in model.parameters()]
     with torch.autocast("cpu", dtype=torch.float16):
         out = model(x)
@@ -188,3 +188,28 @@ def test_an_input_gradient_pass_is_dropped_not_refused(clipping, scale):
         sums.append([t.clone() for t in opt.clipped_grads_for_debugging().values()])
         assert opt.controller.skipped_backwards == int(extra_pass)
     assert all(torch.equal(a, b) for a, b in zip(*sums))
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "bk"])
+def test_the_largest_scale_still_clips_and_a_larger_one_is_refused(mode):
+    """S^-2 multiplies the float32 squared norms: from S = 2**75 it rounded to 0, every norm read 0 and the
+    gradient went out unclipped. Scales are capped at 2**32; at the cap a record is still clipped to C."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    x, y = torch.randn(1, 4), torch.randn(1, 3)
+    c = 1e-5
+    with pytest.raises(ValueError, match=r"power of two in \[1, 2\*\*32\]"):
+        PrivacyEngine(seed=0).make_private(
+            module=nn.Linear(4, 3), optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+            data_loader=DataLoader(TensorDataset(x, y), batch_size=1), noise_multiplier=0.0, max_grad_norm=c,
+            poisson_sampling=False, loss_scale=2.0 ** 33)
+    model, opt, dl = PrivacyEngine(seed=0).make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+        data_loader=DataLoader(TensorDataset(x, y), batch_size=1), noise_multiplier=0.0, max_grad_norm=c,
+        grad_sample_mode=mode, poisson_sampling=False, loss_reduction="sum", loss_scale=2.0 ** 32)
+    for xb, yb in dl:
+        ((model(xb) - yb) ** 2).sum().backward()
+        assert float(opt.controller.last_norms[0]) > 5 * c  # the record must be clipped
+        released = sum(float(t.double().pow(2).sum()) for t in opt.clipped_grads_for_debugging().values()) ** 0.5
+        assert released <= c * (1 + 1e-5)
+        opt.step()

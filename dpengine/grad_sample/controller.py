@@ -383,13 +383,20 @@ def _lazy(make: Callable[[], Tensor]) -> Callable[[], Tensor]:
     return get
 
 
+#: the largest loss scale: its S^-2, which multiplies the float32 squared norms, stays a normal float32 number
+#: with room to spare (from 2**75 on it rounded to 0: every norm read 0 and nothing was clipped); fp16's range
+#: needs at most about 2**24
+MAX_LOSS_SCALE = 2.0 ** 32
+
+
 def check_loss_scale(loss_scale: float) -> None:
-    """A loss scale is a power of two >= 1, so dividing by it is exact."""
+    """A loss scale is a power of two in [1, 2**32], so dividing by it (and by its square) is exact."""
     ok = isinstance(loss_scale, (int, float)) and not isinstance(loss_scale, bool) and math.isfinite(loss_scale) \
-        and loss_scale >= 1 and math.frexp(loss_scale)[0] == 0.5
+        and 1 <= loss_scale <= MAX_LOSS_SCALE and math.frexp(loss_scale)[0] == 0.5
     if not ok:
-        raise ValueError(f"Expected loss_scale={loss_scale!r} as a power of two >= 1 (e.g. 2**8), so that dividing "
-                         "norms and sums by it is exact.")
+        raise ValueError(f"Expected loss_scale={loss_scale!r} as a power of two in [1, 2**32] (e.g. 2**8), so that "
+                         "dividing norms and sums by it is exact (fp16 gradients need at most about 2**24; a larger "
+                         "scale's inverse square would underflow the float32 norms to 0).")
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -971,8 +978,18 @@ class GradSampleController(BatchLedger):
             return ", ".join(f"'{name}' saw {shape[0]} (output shape {tuple(shape)})" for name, shape in odd[:3]) + \
                 (f" and {len(odd) - 3} more" if len(odd) > 3 else "")
 
+        ahead = self.drawn_ahead
         expected = self._count_loader_batch()
         if expected is not None:
+            if ahead is not None and ahead != expected and all(shape[0] == ahead for _, shape in seen):
+                raise PerSampleGradientError(
+                    f"this backward's batch has {ahead} records, the size of the batch drawn before the last one, "
+                    f"while the private data loader has since yielded another ({expected} records) that no backward "
+                    "has reduced yet: a loop that draws the next batch before this one's backward and step (a "
+                    "prefetching data fetcher such as Lightning's or accelerate's, or next(loader) ahead of the "
+                    "step). dpengine checks each backward against the batch yielded last and releases one batch "
+                    "per step: iterate the loader returned by make_private directly, drawing the next batch after "
+                    "optimizer.step().")
             if any(shape[0] != expected for _, shape in seen):
                 raise PerSampleGradientError(
                     f"{odd_ones(expected)}, but the private data loader yielded a batch of {expected} records: "

@@ -125,6 +125,10 @@ class BatchLedger:
         #: one Poisson batch, so more than one is refused (see ``step_problem``)
         self.batches_drawn = 0
         self._drawn_used = True  # the logical batch drawn last was reduced by a backward (or forgotten)
+        self._uncounted = False  # the batch drawn last was drawn with gradients off, and not counted yet
+        #: the size of the batch drawn before the last one when that one was never reduced (a loop that draws
+        #: ahead of its backward: named in the batch-size error), else None
+        self.drawn_ahead: int | None = None
         #: a batch was drawn since the last step taken: a checkpoint saves the sampler as it was before it
         self.drawn_unstepped = False
         self._summed: dict[nn.Parameter, Tensor] = {}
@@ -150,9 +154,16 @@ class BatchLedger:
         (False for the later chunks of one under ``VirtualSteps``). ``size`` None: a chunk of a loader that is
         not the private one (``VirtualSteps`` around another loader): its batch is unverified, as in a
         plain loop over that loader."""
+        if first and not self._drawn_used and self.loader_batch is not None:
+            self.drawn_ahead = self.loader_batch  # the batch before this one was never reduced (yet)
+        elif first:
+            self.drawn_ahead = None
         self.loader_batch = None if size is None else int(size)
         self._batch_reduced = False
-        if first:
+        # drawn with gradients off (an evaluation pass over the private loader): counted only if a backward
+        # reduces it, so evaluating between epochs is not a skipped step
+        self._uncounted = first and not torch.is_grad_enabled()
+        if first and not self._uncounted:
             self.batches_drawn += 1
             self._drawn_used = False
             self.drawn_unstepped = True
@@ -170,6 +181,10 @@ class BatchLedger:
     def _count_loader_batch(self) -> int | None:
         """Called once per reduction: the loader's batch size (None if the batch did not come from it),
         counting a second reduction of the same batch."""
+        if self._uncounted:  # drawn with gradients off, reduced all the same: it is this step's batch
+            self._uncounted = False
+            self.batches_drawn += 1
+            self.drawn_unstepped = True
         self._drawn_used = True
         if self.loader_batch is not None:
             if self._batch_reduced:
@@ -205,8 +220,10 @@ class BatchLedger:
                     "accountant never sees. Take one batch per step; to accumulate physical chunks into a larger "
                     "logical batch iterate dpengine.VirtualSteps over the private loader. An empty Poisson batch "
                     "is a step too and must not be skipped: run the model on it, backward and step as for any "
-                    "batch. (Leaving a loop with break before a batch's backward forgets that batch; to inspect "
-                    "a batch, draw it from your original loader.)")
+                    "batch. (Leaving a loop with break before a batch's backward forgets that batch, and batches "
+                    "drawn with gradients off, for evaluation, count only if a backward reduces them; a loop that "
+                    "draws the next batch before this one's step, as prefetching data fetchers do, is refused: "
+                    "iterate the returned loader directly.)")
         if self.batches_accumulated > 1 and not in_virtual_steps:
             return (f"{self.batches_accumulated} backward passes were accumulated since the last step. dpengine "
                     "clips each backward on its own, so a sample that took part in two of them would contribute "
