@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.optim import Optimizer
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 from . import accounting
 from ._validate import non_negative, one_of
@@ -195,8 +195,13 @@ class PrivacyEngine:
         if poisson_sampling:
             gen = None
             if self._sampling_seed is not None:
-                gen = torch.Generator()
-                gen.manual_seed(self._sampling_seed)
+                # one stream per engine: a second make_private (after detach) continues it, never replays the
+                # first phase's batch memberships (which the accountant would count as fresh samples)
+                if self._sampler is not None and self._sampler.generator is not None:
+                    gen = self._sampler.generator
+                else:
+                    gen = torch.Generator()
+                    gen.manual_seed(self._sampling_seed)
             data_loader = DPDataLoader.from_data_loader(
                 data_loader, generator=gen, secure=self.secure_mode,
                 shard=None if dctx is None else (dctx.rank, dctx.world_size))
@@ -207,15 +212,13 @@ class PrivacyEngine:
             # with shard=, the global expected batch: q times the whole dataset, summed over the ranks
             sample_rate, expected_batch_size = data_loader.sample_rate, data_loader.expected_batch_size
         else:
-            if data_loader.batch_size is None:
-                raise ValueError("poisson_sampling=False needs a loader with a fixed batch_size.")
+            sample_rate, expected_batch_size = _fixed_batch_rate(data_loader, 1 if dctx is None else dctx.world_size)
             warnings.warn("poisson_sampling=False: the accountant assumes Poisson sampling, which shuffled "
                           "fixed-size batches do not provide; the reported epsilon is not a proven guarantee "
                           "for this loader.", stacklevel=2)
-            expected_batch_size = float(data_loader.batch_size) * (1 if dctx is None else dctx.world_size)
-            sample_rate = expected_batch_size / len(data_loader.dataset)  # type: ignore[arg-type]
-            # its own batches, reported as the Poisson loader's are (each layer's batch checked, one per step)
-            data_loader = DPDataLoader.reporting(data_loader, sample_rate, expected_batch_size)
+            if not isinstance(data_loader.dataset, IterableDataset):  # a stream has no batch sampler to report
+                # its own batches, reported as the Poisson loader's are (each layer's batch checked, one per step)
+                data_loader = DPDataLoader.reporting(data_loader, sample_rate, expected_batch_size)
 
         if lipschitz:
             policy, self.controller = self._lipschitz(module, optimizer, loss_reduction, clipping_options)
@@ -300,7 +303,7 @@ class PrivacyEngine:
         if poisson_sampling:
             sample_rate = 1.0 / len(data_loader)
         else:
-            sample_rate = data_loader.batch_size / len(data_loader.dataset)  # type: ignore[arg-type,operator]
+            sample_rate = _fixed_batch_rate(data_loader, 1 if not distributed.is_active() else _world())[0]
         if not amplified(kwargs.get("clipping", "flat")):
             sample_rate = 1.0
         sigma = accounting.get_noise_multiplier(
@@ -462,3 +465,31 @@ class PrivacyEngine:
             self._distributed.detach()  # DDP's reducer stays inert: wrap the model in a new DDP to train it
         if self.optimizer is not None:
             self.optimizer.detached = True
+
+
+def _world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size()
+
+
+def _fixed_batch_rate(data_loader: DataLoader, world: int) -> tuple[float, float]:
+    """(q, expected batch) a loader kept as given (``poisson_sampling=False``) is accounted at: its batch size
+    over the records one epoch draws from, the larger of the dataset's size over the ranks and its sampler's
+    length (a ``SubsetRandomSampler`` draws from its indices only: 100 of 1000 records at batch 10 is q = 0.1,
+    not 0.01). Never below the real rate: a smaller q would under-state epsilon."""
+    if data_loader.batch_size is None:
+        raise ValueError("poisson_sampling=False needs a loader with a fixed batch_size.")
+    expected = float(data_loader.batch_size) * world
+    sizes = []
+    for what in (data_loader.dataset, data_loader.sampler):
+        try:
+            sizes.append(len(what))  # type: ignore[arg-type]
+        except TypeError:
+            pass
+    if not sizes or not sizes[0]:
+        raise ValueError("poisson_sampling=False needs a non-empty dataset (or sampler) with a length: q is the batch size over "
+                         "the number of records an epoch draws from, which a stream without len() does not say. "
+                         "Give the dataset a __len__, or use a map-style dataset with Poisson sampling.")
+    rate = max([expected / sizes[0], *(float(data_loader.batch_size) / n for n in sizes[1:] if n)])
+    return min(rate, 1.0), expected

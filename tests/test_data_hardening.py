@@ -385,3 +385,22 @@ def test_the_private_loaders_sample_rate_cannot_be_assigned():
         with pytest.raises(AttributeError, match="sample rate is fixed"):
             holder.sample_rate = 0.5
     assert dl.sample_rate == dl.batch_sampler.sample_rate == 0.25
+
+
+def test_leaving_virtual_steps_inside_a_logical_batch_then_a_new_loop_steps():
+    """A VirtualSteps loop stopped after N physical chunks (inside a logical batch): nothing of that batch is
+    released, and once zero_grad drops its sums the next loop's first step is taken as usual."""
+    model = nn.Linear(3, 1)
+    engine = PrivacyEngine(seed=0)
+    model, opt, dl = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(TensorDataset(torch.randn(40, 3)), batch_size=8), noise_multiplier=1.0,
+        max_grad_norm=1.0)
+    for loop in range(3):
+        for i, (x,) in enumerate(VirtualSteps(dl, max_physical_batch_size=2, optimizer=opt)):
+            opt.zero_grad()
+            model(x).sum().backward()
+            opt.step()
+            if i == 6:  # most logical batches have several chunks: this leaves one inside it, usually
+                break
+    assert engine.accountant.total_steps >= 3

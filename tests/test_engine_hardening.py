@@ -770,3 +770,65 @@ def test_secure_state_holds_no_sampler_state():
     engine, model, opt, dl = _secure_private()
     _train(model, opt, dl, 2)
     assert engine.state_dict()["sampling"] is None
+
+
+def test_make_private_again_on_a_seeded_engine_continues_the_sampling_stream():
+    """detach() and make_private again (how q is changed) must not restart the seeded sampler: the second
+    phase would replay the first phase's memberships, counted by the accountant as fresh samples."""
+    def memberships(engine, dl, opt, model, steps):
+        out = []
+        for _, (x, y, ids) in zip(range(steps), dl):
+            out.append(ids.tolist())
+            opt.zero_grad()
+            F.cross_entropy(model(x), y, reduction="sum").backward()
+            opt.step()
+        return out
+
+    engine, model, opt, dl = _private(seed=7)
+    first = memberships(engine, dl, opt, model, 5)
+    engine.detach()
+    model, opt, dl = engine.make_private(
+        module=model, optimizer=opt.original_optimizer, data_loader=DataLoader(dl.dataset, batch_size=4),
+        noise_multiplier=0.0, max_grad_norm=1.0, loss_reduction="sum")
+    second = memberships(engine, dl, opt, model, 5)
+    _, model2, opt2, dl2 = _private(seed=7)  # one uninterrupted run of the same stream
+    whole = memberships(None, dl2, opt2, model2, 10)
+    assert first + second == whole
+    assert engine.accountant.total_steps == 10
+
+
+def test_a_fixed_size_loader_over_a_subset_is_accounted_at_its_own_rate():
+    """poisson_sampling=False: q is the batch over the records an epoch draws from (a SubsetRandomSampler's
+    100 of 1000 at batch 10 is q = 0.1; batch / len(dataset) = 0.01 under-stated epsilon about 3x)."""
+    from torch.utils.data import SubsetRandomSampler
+
+    ds = TensorDataset(torch.randn(1000, 6), torch.randint(0, 3, (1000,)))
+    loader = DataLoader(ds, batch_size=10, sampler=SubsetRandomSampler(range(100)))
+    model = _mlp()
+    with pytest.warns(UserWarning, match="poisson_sampling=False"):
+        _, opt, _ = PrivacyEngine(seed=0).make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=loader,
+            noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False)
+    assert opt.sample_rate == pytest.approx(0.1)
+    model = _mlp()
+    with pytest.warns(UserWarning, match="poisson_sampling=False"):
+        _, opt, _ = PrivacyEngine(seed=0).make_private_with_epsilon(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=loader,
+            target_epsilon=1.0, target_delta=1e-5, epochs=5, max_grad_norm=1.0, poisson_sampling=False)
+    assert opt.sample_rate == pytest.approx(0.1) and opt.noise_multiplier > 3.0  # 1.05 at q = 0.01
+
+
+def test_a_stream_without_a_length_is_refused_clearly():
+    from torch.utils.data import IterableDataset
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            for _ in range(40):
+                yield torch.randn(6), torch.tensor(0)
+
+    model = _mlp()
+    with pytest.raises(ValueError, match="needs a non-empty dataset \\(or sampler\\) with a length"):
+        PrivacyEngine(seed=0).make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=DataLoader(Stream(), batch_size=4), noise_multiplier=1.0, max_grad_norm=1.0,
+            poisson_sampling=False)

@@ -126,6 +126,7 @@ class BatchLedger:
         self.batches_drawn = 0
         self._drawn_used = True  # the logical batch drawn last was reduced by a backward (or forgotten)
         self._uncounted = False  # the batch drawn last was drawn with gradients off, and not counted yet
+        self._left_reduced = False  # a loop was left after the backward of a batch not yet stepped (left_loop)
         #: the size of the batch drawn before the last one when that one was never reduced (a loop that draws
         #: ahead of its backward: named in the batch-size error), else None
         self.drawn_ahead: int | None = None
@@ -177,6 +178,10 @@ class BatchLedger:
         if batches_yielded > 1 and not self._drawn_used and self.batches_drawn:
             self.batches_drawn -= 1
             self._drawn_used = True
+        elif self._drawn_used and self.batches_drawn and self.batches_accumulated:
+            # left after its backward (a VirtualSteps loop left inside a logical batch, or a plain loop between
+            # backward and step): the batch is forgotten once zero_grad drops its sums (nothing of it released)
+            self._left_reduced = True
 
     def _count_loader_batch(self) -> int | None:
         """Called once per reduction: the loader's batch size (None if the batch did not come from it),
@@ -247,7 +252,7 @@ class BatchLedger:
         out, self._summed = self._summed, {}
         self.sum_buckets.complete(out)
         self.batches_accumulated = self.repeated_batches = self.batches_drawn = 0
-        self._drawn_used, self.drawn_unstepped = True, False
+        self._drawn_used, self.drawn_unstepped, self._left_reduced = True, False, False
         return out
 
     def peek_clipped_sums(self) -> dict[nn.Parameter, Tensor]:
@@ -288,6 +293,9 @@ class BatchLedger:
                 "it.")
 
     def clear(self) -> None:
+        if self._left_reduced:  # the left loop's batch: its sums go now, so it is not this step's batch
+            self._left_reduced = False
+            self.batches_drawn = max(0, self.batches_drawn - 1)
         self._summed = {}
         self.sum_buckets.reset()
         self.nonfinite = None
