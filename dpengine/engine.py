@@ -296,7 +296,9 @@ class PrivacyEngine:
         """Like ``make_private`` with the smallest noise multiplier that keeps epsilon <= target after
         ``epochs`` epochs (``epochs * len(data_loader)`` steps). Calibration is conservative, and the
         target becomes the budget, enforced by the same accountant that calibrated: a step that would exceed
-        it raises ``PrivacyBudgetExhaustedError``, and the planned steps always fit."""
+        it raises ``PrivacyBudgetExhaustedError``, and on a fresh engine the planned steps always fit. After an
+        earlier phase (``detach`` then this) the calibration is for the new steps alone while the budget counts
+        the whole history, so the plan may stop short: the refusal says so."""
         if not (isinstance(epochs, (int, float)) and not isinstance(epochs, bool) and epochs > 0):
             raise ValueError(f"Expected epochs={epochs!r} > 0 (fractional epochs are planned as given).")
         steps = math.ceil(epochs * len(data_loader))  # 2.5 epochs plan 2.5 epochs of steps, rounded up
