@@ -348,6 +348,14 @@ class _ReportedBatchSampler(Sampler[list[int]]):
             yield batch
 
 
+def _loading(data_loader: DataLoader) -> dict[str, Any]:
+    """How ``data_loader`` loads (workers, pinning, timeout): kept by the loaders made from it."""
+    return {"num_workers": data_loader.num_workers, "pin_memory": data_loader.pin_memory,
+            "timeout": data_loader.timeout, "worker_init_fn": data_loader.worker_init_fn,
+            "multiprocessing_context": data_loader.multiprocessing_context,
+            "persistent_workers": data_loader.persistent_workers if data_loader.num_workers > 0 else False}
+
+
 class WeakCallback:
     """A bound method held weakly: a loader must not keep its engine's controller (and the records it holds)
     alive. Calls the method while its object lives, else does nothing; ``__self__`` is that object (or None)."""
@@ -420,12 +428,7 @@ class DPDataLoader(DataLoader):
             dataset,
             batch_sampler=batch_sampler,
             collate_fn=_empty_safe_collate(dataset, 0 if indices is None else indices[0], data_loader.collate_fn),
-            num_workers=data_loader.num_workers,
-            pin_memory=data_loader.pin_memory,
-            timeout=data_loader.timeout,
-            worker_init_fn=data_loader.worker_init_fn,
-            multiprocessing_context=data_loader.multiprocessing_context,
-            persistent_workers=data_loader.persistent_workers if data_loader.num_workers > 0 else False,
+            **_loading(data_loader),
         )
         loader._sample_rate = sample_rate
         loader.expected_batch_size = sample_rate * n
@@ -445,13 +448,8 @@ class DPDataLoader(DataLoader):
             data_loader.dataset,
             batch_sampler=_ReportedBatchSampler(data_loader.batch_sampler),
             collate_fn=data_loader.collate_fn,
-            num_workers=data_loader.num_workers,
-            pin_memory=data_loader.pin_memory,
-            timeout=data_loader.timeout,
-            worker_init_fn=data_loader.worker_init_fn,
-            multiprocessing_context=data_loader.multiprocessing_context,
             generator=data_loader.generator,
-            persistent_workers=data_loader.persistent_workers if data_loader.num_workers > 0 else False,
+            **_loading(data_loader),
         )
         loader._sample_rate, loader.expected_batch_size = sample_rate, expected_batch_size
         object.__setattr__(loader, "sampler", data_loader.sampler)
