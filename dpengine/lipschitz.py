@@ -715,7 +715,7 @@ class LipschitzSums(BatchLedger):
         self._named = [(n, p) for n, p in module.named_parameters() if id(p) in tracked]
         self._grads: dict[nn.Parameter, Tensor] = {}  # the layers' gradients of the running backward
         self._handles = [module.register_forward_hook(self._on_output)]
-        for name, m in module.named_modules():
+        for m in module.modules():
             if isinstance(m, _ConstrainedLayer):
                 owned = [(n, p) for n, p in m._parameters.items() if p is not None and id(p) in tracked]
                 self._handles += [m.register_forward_pre_hook(_check_exact_fp32),

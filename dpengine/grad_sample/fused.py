@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from .ledger import sum_dtype
 from .linear import GPT2Conv1DHandler, LinearHandler, _LinearLike, _positions, _token_sum
 from .registry import (LayerHandler, NormMethod, OuterFactors, PerSampleGradientError, Record, flatten_tokens,
-                       rank_one_norm_sq, row_sq, underflow_pad)
+                       rank_one_norm_sq, row_sq, token_pad)
 
 
 class FusedFallbackWarning(UserWarning):
@@ -135,7 +135,7 @@ class _FusedLinearLike(_LinearLike):
             if a.shape[1] == 1:  # one token: ||g a^T|| = ||g|| ||a||, exact and O(B (p + d))
                 out["weight"] = rank_one_norm_sq(self._promoted(a), self._promoted(g))
             elif method is NormMethod.GRAM:
-                out["weight"] = linear_norms.gram_norm_sq(a, g, _pad(a, g))
+                out["weight"] = linear_norms.gram_norm_sq(a, g, token_pad(a, g))
             else:
                 out["weight"] = linear_norms.materialized_norm_sq(a, g)
         if "bias" in names:
@@ -255,7 +255,7 @@ def reduce_layer(handler: LayerHandler, layer: nn.Module, rec: Record, names: li
     x, y = handler._rows_cols(a, g)  # type: ignore[attr-defined]
     sq_w, c_w, total = fused_clip.fused_clip(
         x, y, gram=method is NormMethod.GRAM, clip=policy.thresholds[kw], scale=scale, mult=mult,
-        extra_sq=bias_sq if kb == kw else None, pad=_pad(a, g))
+        extra_sq=bias_sq if kb == kw else None, pad=token_pad(a, g))
     b = a.shape[0]
     sq = torch.zeros(policy.num_groups, b, dtype=sq_w.dtype, device=sq_w.device)
     sq[kw] += sq_w  # includes the bias when it is in the weight's group
@@ -267,9 +267,3 @@ def reduce_layer(handler: LayerHandler, layer: nn.Module, rec: Record, names: li
         c_b = c_w if kb == kw else policy.factors(sq.sqrt() * scale)[kb] * mult
         sums[by_name["bias"]] = c_b.to(g32.dtype) @ _token_sum(g32)
     return sq, sums
-
-
-def _pad(a: Tensor, g: Tensor) -> float:
-    """The Gram kernels' underflow pad for (B, T, d) and (B, T, p) operands (``registry.underflow_pad``; the
-    kernels accumulate in float32, float64 for float64 inputs)."""
-    return underflow_pad(a.dtype, a.shape[1], max(a.shape[2], g.shape[2]))

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from .registry import (JOINT, LayerHandler, NormMethod, OuterFactors, Record, factor_view, fits, flatten_tokens,
-                       gram, gram_norm_sq, rank_one_norm_sq, register, row_sq, underflow_pad, weighted_sum)
+                       gram, gram_norm_sq, rank_one_norm_sq, register, row_sq, token_pad, underflow_pad, weighted_sum)
 
 
 class _LinearLike(LayerHandler):
@@ -70,7 +70,7 @@ class _LinearLike(LayerHandler):
             # weight and bias in one group: ||G_i||^2 + ||b_i||^2 = sum_{t,s} (a_t . a_s + 1)(g_t . g_s), since
             # the bias gradient sum_t g_t has squared norm sum_{t,s} g_t . g_s (both Grams padded against
             # underflow, registry.underflow_pad)
-            pad = underflow_pad(a.dtype, a.shape[1], max(a.shape[2], g.shape[2]))
+            pad = token_pad(a, g)
             aa = gram(a, a.transpose(1, 2), pad, plus_one=True)
             return {JOINT: (aa * gram(g, g.transpose(1, 2), pad)).sum((1, 2))}
         if "weight" in names and method is NormMethod.MATERIALIZE:

@@ -344,7 +344,7 @@ def gram_norm_sq(a: Tensor, g: Tensor) -> Tensor:
     """
     if a.shape[1] == 1:
         return rank_one_norm_sq(a, g)
-    pad = underflow_pad(a.dtype, a.shape[1], max(a.shape[2], g.shape[2]))
+    pad = token_pad(a, g)
     return (gram(a, a.transpose(1, 2), pad) * gram(g, g.transpose(1, 2), pad)).sum((1, 2))
 
 
@@ -371,6 +371,11 @@ def underflow_pad(dtype: torch.dtype, positions: float, width: int) -> float:
     return 4.0 * tiny * positions * 2.0 ** max(20, math.ceil(math.log2(max(width, 1))))
 
 
+def token_pad(a: Tensor, g: Tensor) -> float:
+    """``underflow_pad`` of the Grams of (B, T, d) inputs and (B, T, p) output gradients."""
+    return underflow_pad(a.dtype, a.shape[1], max(a.shape[2], g.shape[2]))
+
+
 def rank_one_norm_sq(a: Tensor, g: Tensor) -> Tensor:
     """||g a^T||_F^2 = ||a||^2 ||g||^2 per sample for (B, 1 or none, d) and (B, 1 or none, p), each factor padded
     against underflow (``underflow_pad``: a huge ``a`` with an ``||g||^2`` that reads 0 is not a zero norm)."""
@@ -388,9 +393,11 @@ def gram(x: Tensor, xt: Tensor, pad: float, plus_one: bool = False) -> Tensor:
     return torch.baddbmm(_diagonal(x.shape[1], pad, plus_one, x.dtype, x.device), x, xt)
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=8)
 def _diagonal(t: int, pad: float, plus_one: bool, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """(T, T): ``pad`` on the diagonal, plus 1 everywhere with ``plus_one``; 0-dim when ``pad`` is 0."""
+    """(T, T): ``pad`` on the diagonal, plus 1 everywhere with ``plus_one``; 0-dim when ``pad`` is 0. A few
+    kept: a model has one T per step (the pad is the same for every width up to 2^20), and with lengths that
+    vary from batch to batch a larger cache would hold T^2 floats per length on the device."""
     if pad == 0.0:
         return torch.ones((), dtype=dtype, device=device)
     out = torch.eye(t, dtype=dtype, device=device) * pad
