@@ -549,9 +549,7 @@ class VirtualSteps:
             dl.dataset,
             batch_sampler=_ChunkingBatchSampler(dl.batch_sampler, self.max_physical, ends),
             collate_fn=dl.collate_fn,
-            num_workers=dl.num_workers,
-            pin_memory=dl.pin_memory,
-            worker_init_fn=dl.worker_init_fn,
+            **_loading(dl),
         )
         logical, left = 0, False
         try:

@@ -603,7 +603,7 @@ class DPOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        problem = self._groups_problem() or self.controller.step_problem(
+        problem = (None if self._skip_next else self._groups_problem()) or self.controller.step_problem(
             in_virtual_steps=self._in_virtual_steps, releasing=not self._skip_next)
         if self.distributed is not None:
             problem = problem or self.distributed.step_problem(self._in_virtual_steps)

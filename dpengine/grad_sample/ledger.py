@@ -243,9 +243,9 @@ class BatchLedger:
         return None
 
     def forget_drawn(self) -> None:
-        """A refused step: the batches drawn for it are spent; the next batch starts afresh."""
+        """A refused step: the batches drawn for it are spent; the next batch starts afresh (as after a step)."""
         self.batches_drawn = 0
-        self._drawn_used = True
+        self._drawn_used, self.drawn_unstepped, self._left_reduced, self._uncounted = True, False, False, False
 
     def pop_clipped_sums(self) -> dict[nn.Parameter, Tensor]:
         """The clipped sums accumulated since the last pop (and forget them)."""
